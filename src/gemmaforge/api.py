@@ -1,0 +1,53 @@
+"""The Python entry points users call: load a model, a tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .checkpoint.convert import load_any
+from .checkpoint.resolve import resolve
+from .config import preset
+from .errors import CheckpointError
+from .models import build_model
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise CheckpointError(f"unknown dtype {dtype!r} (choose from {', '.join(table)})")
+    return table[dtype]
+
+
+def from_pretrained(path_or_preset: str | os.PathLike | None = None, dtype=torch.float32, device="cpu"):
+    """Load a model from an HF dir, a .gguf file, or a preset name (``gemma-3-270m`` = embedded default)."""
+    model, _ = load_any(resolve(path_or_preset), dtype=_dtype(dtype), device=device)
+    return model
+
+
+def from_config(cfg_or_preset, dtype=torch.float32, device="cpu", seed: int | None = None):
+    """A randomly initialised model from a config object or preset name (tests, experiments)."""
+    cfg = preset(cfg_or_preset) if isinstance(cfg_or_preset, str) else cfg_or_preset
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_model(cfg, dtype=_dtype(dtype), device=device).eval()
+
+
+def load_tokenizer(path_or_preset: str | os.PathLike | None = None):
+    """Tokenizer of an HF dir (tokenizer.json), a .gguf file, or a preset name."""
+    p = resolve(path_or_preset)
+    from .tokenizer import Tokenizer
+
+    if p.is_file() and p.suffix == ".gguf":
+        import json
+
+        from .checkpoint.gguf import load_gguf_tokenizer
+
+        return Tokenizer.from_json(json.dumps(load_gguf_tokenizer(p)))
+    if not (p / "tokenizer.json").exists():
+        raise CheckpointError(f"{p}: no tokenizer.json")
+    return Tokenizer.from_file(p)

@@ -1,0 +1,323 @@
+"""One attention interface, swappable backends, masks composed from small mask functions.
+
+Document boundaries are data (``cu_seqlens`` or a padding mask turned into per-token document
+ids), never guessed from positions. A query token ``q`` may read key ``k`` iff
+
+    same_document(q, k) AND causal(q, k) AND (no window OR q - k < window)
+
+where ``causal``/``window`` compare absolute stream indices (with a KV cache, keys carry the
+indices they were written at), so a sliding window of ``w`` sees ``w`` keys including itself
+(flash-attn: ``window_size=(w-1, 0)``).
+
+Backends (``attn_backend=``): ``eager`` (explicit fp32 softmax, the reference and what hooks read),
+``sdpa`` (torch SDPA; packed rows are attended per document so memory never grows with T^2),
+``flex`` (torch flex_attention with a block mask from document ids) and ``flash``
+(``flash_attn_varlen_func`` on CUDA). ``auto`` picks per device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- mask functions
+# Signature (b, h, q, kv) -> bool, as flex_attention's mask_mod; indices broadcast as tensors.
+
+def causal_mask(q_idx: torch.Tensor, k_idx: torch.Tensor) -> MaskMod:
+    return lambda b, h, q, kv: k_idx[kv] <= q_idx[q]
+
+
+def document_mask(q_doc: torch.Tensor, k_doc: torch.Tensor) -> MaskMod:
+    return lambda b, h, q, kv: q_doc[b, q] == k_doc[b, kv]
+
+
+def sliding_window_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int) -> MaskMod:
+    return lambda b, h, q, kv: q_idx[q] - k_idx[kv] < window
+
+
+def and_masks(*mods: MaskMod) -> MaskMod:
+    def mod(b, h, q, kv):
+        out = mods[0](b, h, q, kv)
+        for m in mods[1:]:
+            out = out & m(b, h, q, kv)
+        return out
+
+    return mod
+
+
+def or_masks(*mods: MaskMod) -> MaskMod:
+    def mod(b, h, q, kv):
+        out = mods[0](b, h, q, kv)
+        for m in mods[1:]:
+            out = out | m(b, h, q, kv)
+        return out
+
+    return mod
+
+
+# ----------------------------------------------------------------------------- sequence layout
+
+@dataclass
+class SeqInfo:
+    """Layout of one forward's tokens, computed once and shared by every layer.
+
+    positions: [B, S] RoPE positions (restart at 0 in each document).
+    doc:       [B, S] document id of each token (padding forms its own segments).
+    idx:       [S] absolute stream index of each query (offset by what a cache already holds).
+    cu_seqlens: document boundaries of the (single, B == 1) packed row, or None.
+    single_doc: every row is one document starting at stream index 0 (plain causal).
+    """
+
+    positions: torch.Tensor
+    doc: torch.Tensor
+    idx: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    single_doc: bool = False
+
+    @property
+    def shape(self):
+        return tuple(self.doc.shape)
+
+
+def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths.long(), output_size=total)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise InputError(f"cu_seqlens must be a 1-D tensor [0, ..., T]; got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise InputError(f"cu_seqlens must be int32 or int64; got {cu_seqlens.dtype}")
+    c = cu_seqlens.tolist()
+    if c[0] != 0 or c[-1] != total:
+        raise InputError(f"cu_seqlens must start at 0 and end at the token count {total}; got {c[0]}..{c[-1]}")
+    if any(b < a for a, b in zip(c, c[1:])):
+        raise InputError("cu_seqlens must be non-decreasing")
+
+
+def build_seq_info(
+    batch: int,
+    seqlen: int,
+    device: torch.device,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    past_len: int = 0,
+) -> SeqInfo:
+    """Turn the user's description of the batch into explicit positions and document ids."""
+    idx = torch.arange(past_len, past_len + seqlen, device=device)
+    if cu_seqlens is not None:
+        if attention_mask is not None:
+            raise InputError("pass either cu_seqlens (packed) or attention_mask (padded), not both")
+        if batch != 1:
+            raise InputError("cu_seqlens describes one packed row; flatten the batch to [1, T] first")
+        cu = cu_seqlens.to(device)
+        check_cu_seqlens(cu, seqlen)
+        doc = doc_ids_from_cu_seqlens(cu, seqlen)
+        starts = cu[:-1].long()[doc]
+        positions = (torch.arange(seqlen, device=device) - starts)[None]
+        lens = (cu[1:] - cu[:-1])
+        info = SeqInfo(positions, doc[None], idx, cu.int(), int(lens.max()), single_doc=len(lens) == 1)
+    elif attention_mask is not None:
+        if attention_mask.shape != (batch, seqlen):
+            raise InputError(f"attention_mask must be [B, S] = {(batch, seqlen)}; got {tuple(attention_mask.shape)}")
+        m = attention_mask.to(device).bool()
+        # real tokens form document 0 with positions 0..n-1 (what the unpadded row would get);
+        # padding forms document -1, causal among itself, so no query row is ever empty
+        doc = torch.where(m, 0, -1)
+        positions = torch.where(m, m.long().cumsum(-1) - 1, (~m).long().cumsum(-1) - 1)
+        info = SeqInfo(positions, doc, idx, single_doc=bool(m.all()))
+        if info.single_doc and past_len:
+            info.positions = positions + past_len
+    else:
+        doc = torch.zeros(batch, seqlen, dtype=torch.long, device=device)
+        positions = idx[None].expand(batch, seqlen)
+        info = SeqInfo(positions, doc, idx, single_doc=True)
+    if position_ids is not None:
+        if position_ids.numel() != batch * seqlen:
+            raise InputError(f"position_ids must have {batch * seqlen} entries; got shape {tuple(position_ids.shape)}")
+        info.positions = position_ids.to(device).reshape(batch, seqlen)
+    return info
+
+
+# ----------------------------------------------------------------------------- backends
+
+@dataclass
+class AttnCall:
+    """Everything a backend needs besides q/k/v for one layer call."""
+
+    info: SeqInfo
+    k_doc: torch.Tensor  # [B, Sk]
+    k_idx: torch.Tensor  # [Sk]
+    window: int | None
+    scale: float
+    softcap: float | None
+    keys_are_queries: bool  # no cache: keys are exactly this call's tokens
+
+    def mask_mod(self) -> MaskMod:
+        mods = [causal_mask(self.info.idx, self.k_idx)]
+        if not self.info.single_doc:
+            mods.append(document_mask(self.info.doc, self.k_doc))
+        if self.window is not None:
+            mods.append(sliding_window_mask(self.info.idx, self.k_idx, self.window))
+        return and_masks(*mods)
+
+    def dense_mask(self, batch: int) -> torch.Tensor:
+        """[B, 1, S, Sk] boolean mask (True = may attend)."""
+        dev = self.k_idx.device
+        b = torch.arange(batch, device=dev)[:, None, None, None]
+        q = torch.arange(len(self.info.idx), device=dev)[None, None, :, None]
+        kv = torch.arange(len(self.k_idx), device=dev)[None, None, None, :]
+        return self.mask_mod()(b, None, q, kv)
+
+    def needs_mask(self, sq: int, sk: int) -> bool:
+        """False when every key is visible to every query (decode with a trimmed cache)."""
+        if not self.info.single_doc:
+            return True
+        if sq == 1:
+            return self.window is not None and sk > self.window
+        return True
+
+
+def _softcap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return scores if cap is None else torch.tanh(scores / cap) * cap
+
+
+def eager_attention(q, k, v, call: AttnCall, return_probs: bool = False):
+    """Reference: explicit scores, softcap, mask, fp32 softmax. q [B,H,S,D], k/v [B,Hkv,Sk,D]."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale  # [B, H, S, Sk]
+    scores = _softcap(scores, call.softcap)
+    if call.needs_mask(q.shape[2], k.shape[2]):
+        scores = scores.masked_fill(~call.dense_mask(q.shape[0]), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, v)
+    return (out, probs) if return_probs else (out, None)
+
+
+def _sdpa(q, k, v, mask, is_causal, scale):
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def _window_mask(n: int, window: int, device) -> torch.Tensor:
+    i = torch.arange(n, device=device)
+    d = i[:, None] - i[None, :]
+    return (d >= 0) & (d < window)
+
+
+def sdpa_attention(q, k, v, call: AttnCall, return_probs: bool = False):
+    if call.softcap is not None:  # SDPA has no score modifier: softcapped layers use the reference
+        return eager_attention(q, k, v, call, return_probs)
+    sq, sk = q.shape[2], k.shape[2]
+    info = call.info
+    if info.cu_seqlens is not None and call.keys_are_queries:
+        # packed row: attend document by document; memory O(sum L_i^2) (O(L*w) when windowed), not O(T^2)
+        outs = []
+        cu = info.cu_seqlens.tolist()
+        for s, e in zip(cu[:-1], cu[1:]):
+            if e == s:
+                continue
+            qs, ks, vs = q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]
+            if call.window is None or e - s <= call.window:
+                outs.append(_sdpa(qs, ks, vs, None, True, call.scale))
+            else:
+                outs.append(_sdpa(qs, ks, vs, _window_mask(e - s, call.window, q.device), False, call.scale))
+        return torch.cat(outs, dim=2), None
+    if info.single_doc and call.keys_are_queries and (call.window is None or sq <= call.window):
+        return _sdpa(q, k, v, None, True, call.scale), None
+    if not call.needs_mask(sq, sk):
+        return _sdpa(q, k, v, None, False, call.scale), None
+    return _sdpa(q, k, v, call.dense_mask(q.shape[0]), False, call.scale), None
+
+
+_FLEX_CACHE: dict = {}
+
+
+def flex_attention_backend(q, k, v, call: AttnCall, return_probs: bool = False):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _FLEX_CACHE:
+        _FLEX_CACHE["fn"] = torch.compile(flex_attention, dynamic=False)
+    B, _, S, _ = q.shape
+    Sk = k.shape[2]
+    block = create_block_mask(call.mask_mod(), B, None, S, Sk, device=q.device)
+    cap = call.softcap
+    score_mod = None if cap is None else (lambda s, b, h, qi, ki: torch.tanh(s / cap) * cap)
+    out = _FLEX_CACHE["fn"](q, k, v, score_mod=score_mod, block_mask=block, scale=call.scale,
+                            enable_gqa=q.shape[1] != k.shape[1])
+    return out, None
+
+
+def flash_available(head_dim: int, device: torch.device) -> bool:
+    if device.type != "cuda" or head_dim > 256:
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flash_attention_backend(q, k, v, call: AttnCall, return_probs: bool = False):
+    if not flash_available(q.shape[-1], q.device) or q.dtype not in (torch.float16, torch.bfloat16):
+        return sdpa_attention(q, k, v, call, return_probs)  # head_dim > 256 (Gemma 4 global) etc.
+    from flash_attn import flash_attn_varlen_func
+
+    info = call.info
+    B, H, S, D = q.shape
+    if info.cu_seqlens is None or not call.keys_are_queries:
+        return sdpa_attention(q, k, v, call, return_probs)
+    qt, kt, vt = (t[0].transpose(0, 1) for t in (q, k, v))  # [T, H, D]
+    window = (-1, -1) if call.window is None else (call.window - 1, 0)
+    out = flash_attn_varlen_func(
+        qt, kt, vt, info.cu_seqlens, info.cu_seqlens, info.max_seqlen, info.max_seqlen,
+        softmax_scale=call.scale, causal=True, window_size=window, softcap=call.softcap or 0.0,
+    )
+    return out.transpose(0, 1)[None], None
+
+
+BACKENDS = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "flex": flex_attention_backend,
+    "flash": flash_attention_backend,
+}
+
+
+def resolve_backend(name: str | None, device: torch.device, head_dim: int = 256) -> str:
+    name = name or "auto"
+    if name == "auto":
+        if flash_available(head_dim, device):
+            return "flash"
+        return "sdpa"
+    if name not in BACKENDS:
+        raise InputError(f"unknown attention backend {name!r} (choose from auto, {', '.join(BACKENDS)})")
+    return name
+
+
+def attention(q, k, v, call: AttnCall, backend: str = "sdpa", return_probs: bool = False):
+    """q [B,H,S,D], k/v [B,Hkv,Sk,D] -> ([B,H,S,D], probs or None)."""
+    if return_probs:
+        return eager_attention(q, k, v, call, True)
+    return BACKENDS[backend](q, k, v, call)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

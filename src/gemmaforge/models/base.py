@@ -1,0 +1,137 @@
+"""What every causal LM family shares: input checking, the per-forward context, the LM head.
+
+A family model file defines its decoder layers and ``embed``/``run_layers``; this base turns the
+user's inputs (padded, packed or cached) into one explicit ``ForwardContext`` that every layer
+reads: RoPE tables per layer type, document layout, backend, optional KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+from ..layers.attention import SeqInfo, build_seq_info, resolve_backend
+from ..layers.kv_cache import KVCache
+from ..layers.rope import rope_table
+
+
+@dataclass
+class ForwardContext:
+    info: SeqInfo
+    rope: dict  # layer type -> (cos, sin), each [B, S, head_dim]
+    backend: str
+    cache: KVCache | None = None
+    # layer indices whose attention must run the eager backend and expose probabilities (hooks)
+    eager_layers: set = field(default_factory=set)
+    # shared per-forward state between layers (e.g. Gemma 4 KV sharing); a fresh dict each forward
+    shared: dict = field(default_factory=dict)
+
+
+class CausalLM(nn.Module):
+    """Base class: subclasses set ``self.config``, ``self.model`` (embed_tokens, layers, norm), ``self.lm_head``."""
+
+    config: object
+
+    # ---- pieces subclasses provide ----
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rope_specs(self) -> dict:
+        """layer type -> (RopeSpec, rotary head_dim)."""
+        raise NotImplementedError
+
+    # ---- head ----
+    def head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        z = F.linear(hidden, self.head_weight())
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None:
+            z = torch.tanh(z / cap) * cap
+        return z
+
+    # ---- forward ----
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            V = self.config.vocab_size
+            if lo < 0 or hi >= V:
+                bad = lo if lo < 0 else hi
+                raise InputError(f"token id {bad} is outside the vocabulary (0..{V - 1})")
+
+    def make_context(self, B, S, device, dtype, *, cu_seqlens=None, position_ids=None, attention_mask=None,
+                     cache=None, attn_backend=None) -> ForwardContext:
+        past = cache.seen if cache is not None else 0
+        if cache is not None and past and attention_mask is not None and not bool(attention_mask.all()):
+            raise InputError("incremental decoding with a padding mask is not supported; decode rows one at a time")
+        if past + S > self.config.max_position_embeddings and position_ids is None:
+            raise InputError(
+                f"sequence of {past + S} tokens exceeds the model's context of {self.config.max_position_embeddings}"
+            )
+        info = build_seq_info(B, S, device, cu_seqlens=cu_seqlens, position_ids=position_ids,
+                              attention_mask=attention_mask, past_len=past)
+        if cu_seqlens is None and position_ids is None and attention_mask is None and past:
+            info.positions = info.idx[None].expand(B, S)
+        rope = {t: rope_table(spec, hd, info.positions, dtype) for t, (spec, hd) in self.rope_specs().items()}
+        backend = resolve_backend(attn_backend or getattr(self, "attn_backend", None), device,
+                                  getattr(self.config, "head_dim", 256))
+        return ForwardContext(info=info, rope=rope, backend=backend, cache=cache)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_backend: str | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits ``[B, S, V]`` (or ``[T, V]`` for a 1-D packed row); final hidden states if ``return_hidden``.
+
+        Packed: ``input_ids`` ``[T]`` / ``[1, T]`` (or ``[B, S]`` flattened) with ``cu_seqlens``
+        ``[0, l1, l1+l2, ..., T]``; positions restart in every document and no token sees another
+        document. Padded: ``attention_mask`` ``[B, S]``; each row equals its unpadded self.
+        ``inputs_embeds`` are used as given (not scaled again).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of input_ids or inputs_embeds")
+        lead = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        if input_ids is not None:
+            self.check_ids(input_ids)
+            x = input_ids.reshape(1, -1) if (input_ids.dim() == 1 or cu_seqlens is not None) else input_ids
+            h = self.embed(x)
+        else:
+            h = inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1]) if (
+                inputs_embeds.dim() == 2 or cu_seqlens is not None) else inputs_embeds
+        B, S, _ = h.shape
+        ctx = self.make_context(B, S, h.device, h.dtype, cu_seqlens=cu_seqlens, position_ids=position_ids,
+                                attention_mask=attention_mask, cache=cache, attn_backend=attn_backend)
+        h = self.run_layers(h, ctx)
+        if cache is not None:
+            cache.advance(S)
+        out = h if return_hidden else self.logits(h)
+        return out.reshape(*lead, out.shape[-1])
+
+    def run_layers(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        for layer in self.model.layers.values():
+            h = layer(h, ctx)
+        return self.model.norm(h)
+
+    def new_cache(self, max_len: int) -> KVCache:
+        return KVCache([self.config.window_for(t) for t in self.config.layer_types], max_len)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
