@@ -47,24 +47,35 @@ def _open_safetensors(path: Path):
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 
+def _check_complete(f: Path) -> None:
+    """A file cut short (interrupted copy or download) is named as truncated, before parsing."""
+    if not f.exists():
+        raise CheckpointError(f"{f}: file not found")
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or 8 + n > size:
+            raise CheckpointError(f"{f}: truncated ({size} bytes; the header alone needs {8 + max(n, 0)})")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{f}: not a safetensors file (unreadable header)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{f}: truncated ({size} bytes, header promises {8 + n + end})")
+
+
 def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in files:
-        size = f.stat().st_size if f.exists() else 0
-        st = _open_safetensors(f)
-        with st:
+        _check_complete(f)
+        with _open_safetensors(f) as st:
             for k in st.keys():
                 try:
                     out[k] = st.get_tensor(k)
                 except Exception as e:
                     raise CheckpointError(f"{f}: tensor {k!r} cannot be read ({str(e).splitlines()[0]})") from None
-        # safetensors mmaps lazily; verify the file really holds the bytes its header promises
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise CheckpointError(f"{f}: truncated ({size} bytes, header promises {8 + n + end})")
     return out
 
 
