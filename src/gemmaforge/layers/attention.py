@@ -18,6 +18,8 @@ Backends (``attn_backend=``): ``eager`` (explicit fp32 softmax, the reference an
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -120,7 +122,10 @@ def build_seq_info(
     idx = torch.arange(past_len, past_len + seqlen, device=device)
     if cu_seqlens is not None:
         if attention_mask is not None:
-            raise InputError("pass either cu_seqlens (packed) or attention_mask (padded), not both")
+            if not bool(attention_mask.bool().all()):
+                raise InputError("a packed row (cu_seqlens) marks padding as its own segment; "
+                                 "an attention_mask with zeros cannot be combined with it")
+            attention_mask = None  # all ones: boundaries come from cu_seqlens alone, never from the mask
         if batch != 1:
             raise InputError("cu_seqlens describes one packed row; flatten the batch to [1, T] first")
         cu = cu_seqlens.to(device)
@@ -253,15 +258,21 @@ _FLEX_CACHE: dict = {}
 def flex_attention_backend(q, k, v, call: AttnCall, return_probs: bool = False):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if "fn" not in _FLEX_CACHE:
-        _FLEX_CACHE["fn"] = torch.compile(flex_attention, dynamic=False)
+    # compiled on CUDA (the point of flex); on CPU compiling costs ~1 min per new shape, so the
+    # uncompiled reference path runs unless GEMMAFORGE_FLEX_COMPILE=1
+    compile_it = q.device.type == "cuda" or os.environ.get("GEMMAFORGE_FLEX_COMPILE") == "1"
+    key = ("fn", compile_it)
+    if key not in _FLEX_CACHE:
+        _FLEX_CACHE[key] = torch.compile(flex_attention, dynamic=False) if compile_it else flex_attention
     B, _, S, _ = q.shape
     Sk = k.shape[2]
-    block = create_block_mask(call.mask_mod(), B, None, S, Sk, device=q.device)
+    block = create_block_mask(call.mask_mod(), B, None, S, Sk, device=q.device, _compile=compile_it)
     cap = call.softcap
     score_mod = None if cap is None else (lambda s, b, h, qi, ki: torch.tanh(s / cap) * cap)
-    out = _FLEX_CACHE["fn"](q, k, v, score_mod=score_mod, block_mask=block, scale=call.scale,
-                            enable_gqa=q.shape[1] != k.shape[1])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention.*")
+        out = _FLEX_CACHE[key](q, k, v, score_mod=score_mod, block_mask=block, scale=call.scale,
+                               enable_gqa=q.shape[1] != k.shape[1])
     return out, None
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Gemma3Config
+from ..config import Gemma3Config, MistralConfig
 from .gemma3 import Gemma3ForCausalLM
+from .mistral import MistralForCausalLM
 
-MODEL_CLASSES: dict[type, type] = {Gemma3Config: Gemma3ForCausalLM}
+MODEL_CLASSES: dict[type, type] = {Gemma3Config: Gemma3ForCausalLM, MistralConfig: MistralForCausalLM}
 
 
 def register_model(config_cls: type, model_cls: type) -> None:

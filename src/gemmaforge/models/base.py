@@ -16,7 +16,8 @@ from torch import nn
 from ..errors import InputError
 from ..layers.attention import SeqInfo, build_seq_info, resolve_backend
 from ..layers.kv_cache import KVCache
-from ..layers.rope import rope_table
+from ..layers.attention import AttnCall, attention
+from ..layers.rope import apply_rope, rope_table
 
 
 @dataclass
@@ -29,6 +30,23 @@ class ForwardContext:
     eager_layers: set = field(default_factory=set)
     # shared per-forward state between layers (e.g. Gemma 4 KV sharing); a fresh dict each forward
     shared: dict = field(default_factory=dict)
+
+
+def rope_cache_attend(q, k, v, ctx: ForwardContext, *, layer_idx: int, layer_type: str, window, scale: float,
+                      softcap=None) -> torch.Tensor:
+    """The part of self-attention every family shares, after projections (and q/k norms):
+    apply this layer type's RoPE, append to the KV cache if any, attend under the composed mask.
+    q [B,H,S,D], k/v [B,Hkv,S,D] -> [B,H,S,D]."""
+    cos, sin = ctx.rope[layer_type]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    info = ctx.info
+    k_doc, k_idx = info.doc, info.idx
+    if ctx.cache is not None:
+        k, v, k_doc, k_idx = ctx.cache.update(layer_idx, k, v, info.doc, info.idx)
+    call = AttnCall(info, k_doc, k_idx, window, scale, softcap, ctx.cache is None)
+    backend = "eager" if layer_idx in ctx.eager_layers else ctx.backend
+    out, _ = attention(q, k, v, call, backend)
+    return out
 
 
 class CausalLM(nn.Module):
@@ -75,8 +93,6 @@ class CausalLM(nn.Module):
             )
         info = build_seq_info(B, S, device, cu_seqlens=cu_seqlens, position_ids=position_ids,
                               attention_mask=attention_mask, past_len=past)
-        if cu_seqlens is None and position_ids is None and attention_mask is None and past:
-            info.positions = info.idx[None].expand(B, S)
         rope = {t: rope_table(spec, hd, info.positions, dtype) for t, (spec, hd) in self.rope_specs().items()}
         backend = resolve_backend(attn_backend or getattr(self, "attn_backend", None), device,
                                   getattr(self.config, "head_dim", 256))

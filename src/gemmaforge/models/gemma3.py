@@ -19,11 +19,9 @@ import torch
 from torch import nn
 
 from ..config import Gemma3Config
-from ..layers.attention import AttnCall, attention
 from ..layers.mlp import GatedMLP
 from ..layers.norm import GemmaRMSNorm
-from ..layers.rope import apply_rope
-from .base import CausalLM, ForwardContext
+from .base import CausalLM, ForwardContext, rope_cache_attend
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -63,14 +61,8 @@ class Gemma3Attention(nn.Module):
         k = self.k_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
         v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = ctx.rope[self.layer_type]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        info = ctx.info
-        k_doc, k_idx = info.doc, info.idx
-        if ctx.cache is not None:
-            k, v, k_doc, k_idx = ctx.cache.update(self.layer_idx, k, v, info.doc, info.idx)
-        call = AttnCall(info, k_doc, k_idx, self.window, self.scale, self.softcap, ctx.cache is None)
-        out, _ = attention(q, k, v, call, ctx.backend)
+        out = rope_cache_attend(q, k, v, ctx, layer_idx=self.layer_idx, layer_type=self.layer_type,
+                                window=self.window, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
