@@ -27,7 +27,7 @@ install: $(STAMP_RUN)
 install-dev: $(STAMP_TEST)
 
 run: $(STAMP_RUN)
-	$(VPY) -m gemmaforge generate --prompt "The Python programming language is"
+	$(VPY) -m gemmaforge train
 
 test: $(STAMP_TEST)
 	$(VPY) -m pytest -q tests

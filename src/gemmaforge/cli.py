@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -54,6 +55,61 @@ def cmd_convert(a) -> int:
     return 0
 
 
+_TRAIN_FLAGS = [
+    # (flag, type, help)
+    ("--data", "list", "training data: .txt files, directories of them, or .jsonl (text / prompt+completion / messages)"),
+    ("--out", str, "run directory (default runs/<timestamp>)"),
+    ("--steps", int, "optimizer steps"),
+    ("--lr", float, "peak learning rate"),
+    ("--min-lr-ratio", float, "final lr as a fraction of the peak"),
+    ("--warmup-steps", int, "linear warm-up steps"),
+    ("--schedule", str, "cosine | linear | constant"),
+    ("--weight-decay", float, "AdamW weight decay (not on norms/biases/embeddings)"),
+    ("--clip", float, "gradient clipping max norm (0 = off)"),
+    ("--batch-tokens", int, "tokens per optimizer step (gradient accumulation over rows)"),
+    ("--seq-len", int, "packed row length"),
+    ("--micro-batch-rows", int, "rows per forward/backward"),
+    ("--seed", int, "random seed (data order, init)"),
+    ("--val-fraction", float, "fraction of documents held out for validation"),
+    ("--eval-every", int, "evaluate every N steps"),
+    ("--eval-rows", int, "validation rows evaluated"),
+    ("--save-every", int, "checkpoint every N steps"),
+    ("--keep-last", int, "checkpoints kept"),
+    ("--max-bad-steps", int, "stop after N consecutive non-finite steps"),
+    ("--resume", str, "run dir or checkpoint dir to continue from"),
+    ("--loss-chunk-size", int, "rows per chunk of the linear+cross-entropy"),
+    ("--lora-rank", int, "train LoRA adapters of this rank instead of all weights"),
+    ("--lora-alpha", float, "LoRA alpha (default: rank)"),
+    ("--lora-dropout", float, "LoRA dropout"),
+    ("--lora-targets", "list", "module names or regexes (default: the seven projections)"),
+]
+
+
+def cmd_train(a) -> int:
+    from .train import TrainConfig, Trainer, load_recipe
+
+    values = load_recipe(a.config) if a.config else {}
+    for flag, _, _ in _TRAIN_FLAGS:
+        key = flag[2:].replace("-", "_")
+        v = getattr(a, key)
+        if v is not None:
+            values[key] = v
+    for key in ("model", "device", "attn_backend"):
+        if getattr(a, key) is not None:
+            values[key] = getattr(a, key)
+    if a.dtype != "float32":
+        values["dtype"] = a.dtype
+    if a.activation_checkpointing:
+        values["activation_checkpointing"] = True
+    if a.no_progress:
+        values["progress"] = False
+    if isinstance(values.get("data"), str):
+        values["data"] = [values["data"]]
+    summary = Trainer(TrainConfig(**values)).run()
+    print(json.dumps(summary))
+    return int(summary.get("exit_code", 0))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gemmaforge", description="Train, fine-tune and look inside Gemma models.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -74,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("train", help="continued pretraining / fine-tuning (default: the embedded 270M on "
+                                     "CPython's language reference)")
+    _add_model(t)
+    t.set_defaults(dtype="float32")
+    t.add_argument("--config", default=None, help="recipe.toml whose keys mirror these flags (flags override)")
+    for flag, typ, help_ in _TRAIN_FLAGS:
+        if typ == "list":
+            t.add_argument(flag, nargs="+", default=None, help=help_)
+        else:
+            t.add_argument(flag, type=typ, default=None, help=help_)
+    t.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
 
     for register in _EXTRA_COMMANDS:
         register(sub)

@@ -1,0 +1,502 @@
+"""The training loop: continued pretraining and fine-tuning that never lies about its loss.
+
+The path of a token: documents -> packed rows with ``cu_seqlens`` -> ``model(..., return_hidden=True)``
+-> chunked linear cross-entropy (never the full ``[T, vocab]`` logits) summed over valid tokens and
+divided by the step's global count of valid tokens -> backward -> health check (a non-finite loss
+or gradient skips the step and names the first module that produced it; nothing is clamped) ->
+clip -> AdamW -> scheduler -> metrics, evaluation, atomic checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, DataError, GemmaforgeError
+
+IGNORE = -100
+
+
+class TrainingStopped(GemmaforgeError):
+    """Too many consecutive non-finite steps: the run stops with the diagnosis."""
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = None  # HF dir, .gguf, or preset name; None = embedded gemma-3-270m
+    data: list[str] = field(default_factory=list)  # .txt / dir / .jsonl; empty = CPython's language reference
+    out: str | None = None  # default runs/<timestamp>
+    steps: int = 16
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 2
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.0
+    decay_norms_and_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip: float = 1.0
+    seq_len: int = 256
+    batch_tokens: int = 512  # tokens per optimizer step (rows * seq_len); grad accumulation over rows
+    micro_batch_rows: int = 1
+    seed: int = 0
+    val_fraction: float = 0.05
+    eval_every: int = 8
+    eval_rows: int = 4
+    save_every: int = 8
+    keep_last: int = 2
+    max_bad_steps: int = 3
+    activation_checkpointing: bool = False
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    device: str | None = None
+    attn_backend: str | None = None
+    loss_chunk_size: int = 1024
+    resume: str | None = None
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=list)
+    progress: bool = True
+
+    @property
+    def accum(self) -> int:
+        per_micro = self.seq_len * self.micro_batch_rows
+        return max(1, self.batch_tokens // per_micro)
+
+    def validate(self) -> None:
+        for name in ("steps", "seq_len", "batch_tokens", "micro_batch_rows", "keep_last", "max_bad_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive (got {self.lr})")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"--schedule must be cosine, linear or constant (got {self.schedule!r})")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+def load_recipe(path: str | Path) -> dict:
+    """A ``recipe.toml`` whose keys mirror the flags (dashes or underscores)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    p = Path(path)
+    try:
+        d = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML ({e})") from None
+    out = {}
+    known = TrainConfig.field_names()
+    for k, v in d.items():
+        key = k.replace("-", "_")
+        if key not in known:
+            raise ConfigError(f"{p}: unknown key {k!r}")
+        out[key] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------- data
+
+def builtin_corpus() -> list[str]:
+    """The Python language reference that ships inside CPython (pydoc_data.topics), one doc per topic."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+class RowStream:
+    """Deterministic order over packed rows: a seeded permutation per epoch, position = (epoch, cursor)."""
+
+    def __init__(self, rows: list, seed: int, epoch: int = 0, cursor: int = 0):
+        self.rows, self.seed, self.epoch, self.cursor = rows, seed, epoch, cursor
+        self._perm = self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.rows), generator=g).tolist()
+
+    def next(self):
+        if self.cursor >= len(self.rows):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._perm = self._permutation(self.epoch)
+        row = self.rows[self._perm[self.cursor]]
+        self.cursor += 1
+        return row
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+
+# ----------------------------------------------------------------------------------- optimizer
+
+def param_groups(model, weight_decay: float, decay_all: bool) -> list[dict]:
+    """No weight decay on norms, biases and embeddings unless asked."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.dim() < 2 or "embed" in name or "norm" in name
+        (no_decay if skip and not decay_all else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        t = min(max(t, 0.0), 1.0)
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else 1 - t
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return f
+
+
+# ----------------------------------------------------------------------------------- trainer
+
+class Trainer:
+    """Build with a TrainConfig (and optionally a ready model/tokenizer/documents), then ``run()``."""
+
+    def __init__(self, cfg: TrainConfig, *, model=None, tokenizer=None, train_docs=None, val_docs=None,
+                 log=None):
+        cfg.validate()
+        self.cfg = cfg
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.autocast = self.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16", "bf16")
+        self.out = self._prepare_out()
+        self._set_seed(cfg.seed)
+        self.model, self.tokenizer = self._load_model(model, tokenizer)
+        self.train_rows, self.val_rows = self._load_data(train_docs, val_docs)
+        self._apply_transforms()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        fused = self.device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay, cfg.decay_norms_and_embeddings),
+                                           lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.stream = RowStream(self.train_rows, cfg.seed)
+        self.step = 0
+        self.bad_in_a_row = 0
+        self.metrics_path = self.out / "metrics.jsonl"
+        self._stop_signal: int | None = None
+        if cfg.resume:
+            self._resume(cfg.resume)
+
+    # ---- setup ----
+    def _prepare_out(self) -> Path:
+        cfg = self.cfg
+        if cfg.out is None and cfg.resume:
+            r = Path(cfg.resume)
+            cfg.out = str(r.parent.parent if r.parent.name == "checkpoints" else r)
+        out = Path(cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"--out {out}: not writable ({e.strerror or e})") from None
+        return out
+
+    def _set_seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _load_model(self, model, tokenizer):
+        from .api import from_pretrained, load_tokenizer
+
+        if model is None:
+            model = from_pretrained(self.cfg.model, dtype=torch.float32, device=self.device)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(self.cfg.model)
+        model.train()
+        model.attn_backend = self.cfg.attn_backend
+        return model, tokenizer
+
+    def _load_data(self, train_docs, val_docs):
+        from .data import Document, load_documents, pack_documents, packing_stats, train_val_split
+
+        cfg = self.cfg
+        if train_docs is None:
+            if cfg.data:
+                docs = load_documents(cfg.data, self.tokenizer)
+            else:
+                tok = self.tokenizer
+                docs = [Document(tok.encode(t) + [tok.eos_id]) for t in builtin_corpus()]
+            if not docs:
+                raise DataError(f"{', '.join(cfg.data) or 'data'}: no documents")
+            train_docs, val_docs = train_val_split(docs, cfg.val_fraction, seed=cfg.seed)
+        train_rows = pack_documents(train_docs, cfg.seq_len)
+        val_rows = pack_documents(val_docs or [], cfg.seq_len)[: cfg.eval_rows] if val_docs else []
+        st = packing_stats(train_rows)
+        self.log(f"data: {len(train_docs)} train docs -> {st}; {len(val_rows)} validation rows")
+        return train_rows, val_rows
+
+    def _apply_transforms(self) -> None:
+        """LoRA, then activation checkpointing: applied from outside the model, in one fixed order."""
+        cfg = self.cfg
+        if cfg.lora_rank:
+            from .transforms.lora import LoraConfig, apply_lora
+
+            apply_lora(self.model, LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                              targets=cfg.lora_targets or None))
+        if cfg.activation_checkpointing:
+            from .transforms.checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(self.model)
+
+    def fingerprint(self) -> dict:
+        c = self.cfg
+        return {"model_config": json.loads(json.dumps(self.model.config.to_hf(), default=str)),
+                "seq_len": c.seq_len, "batch_tokens": c.batch_tokens, "micro_batch_rows": c.micro_batch_rows,
+                "lora_rank": c.lora_rank, "seed": c.seed}
+
+    # ---- the step ----
+    def _micro_batches(self):
+        from .data import collate_rows
+
+        cfg = self.cfg
+        return [collate_rows([self.stream.next() for _ in range(cfg.micro_batch_rows)]) for _ in range(cfg.accum)]
+
+    def _loss_sum(self, batch) -> torch.Tensor:
+        from .loss import chunked_cross_entropy
+
+        ids = batch["input_ids"].to(self.device)
+        cu = batch["cu_seqlens"].to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            hidden = self.model(ids, cu_seqlens=cu, return_hidden=True)
+        labels = batch["labels"].to(self.device).reshape(-1)
+        return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.model.head_weight(), labels,
+                                     softcap=getattr(self.model.config, "final_logit_softcapping", None),
+                                     chunk_size=self.cfg.loss_chunk_size, reduction="sum")
+
+    def train_step(self) -> dict:
+        from .health import grads_finite, locate_nonfinite
+
+        pos_before = self.stream.state()
+        batches = self._micro_batches()
+        n_valid = sum(int(b["num_valid_labels"]) for b in batches)  # the global count for this step
+        n_tokens = sum(int(b["input_ids"].numel()) for b in batches)
+        t0 = time.perf_counter()
+        total = 0.0
+        bad_batch = None
+        for i, b in enumerate(batches):
+            loss = self._loss_sum(b) / max(n_valid, 1)
+            if not torch.isfinite(loss):
+                bad_batch = bad_batch if bad_batch is not None else i
+            loss.backward()
+            total += float(loss.detach())
+        ok = bad_batch is None and grads_finite(self.params)
+        row = {"step": self.step + 1, "loss": total, "lr": self.scheduler.get_last_lr()[0], "tokens": n_tokens,
+               "valid_tokens": n_valid}
+        if ok:
+            gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip) if self.cfg.clip > 0 else None
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+            if gn is not None:
+                row["grad_norm"] = float(gn)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            idx = bad_batch if bad_batch is not None else 0
+            report = None
+            for j in ([idx] + [k for k in range(len(batches)) if k != idx]):
+                report = locate_nonfinite(self.model, lambda b=batches[j]: self._loss_sum(b) / max(n_valid, 1))
+                if report is not None and not getattr(report, "ok", False):
+                    idx = j
+                    break
+            where = report.message if report is not None and not getattr(report, "ok", False) else \
+                "non-finite gradient (not reproduced on re-run)"
+            msg = (f"step {self.step + 1}: skipped, {where} (micro-batch {idx}, data epoch {pos_before['epoch']} "
+                   f"row {pos_before['cursor'] + idx * self.cfg.micro_batch_rows})")
+            self.log(msg)
+            row.update(skipped=True, reason=msg)
+            self.bad_in_a_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        row["step_s"] = dt
+        row["tokens_per_s"] = n_tokens / dt
+        if not ok and self.bad_in_a_row >= self.cfg.max_bad_steps:
+            self._write_metrics(row)
+            raise TrainingStopped(f"{self.bad_in_a_row} consecutive non-finite steps; last: {row['reason']}")
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        if not self.val_rows:
+            return None
+        from .data import collate_rows
+
+        was = self.model.training
+        self.model.eval()
+        total, n = 0.0, 0
+        for r in self.val_rows:
+            b = collate_rows([r])
+            total += float(self._loss_sum(b))
+            n += int(b["num_valid_labels"])
+        self.model.train(was)
+        loss = total / max(n, 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_tokens": n}
+
+    # ---- persistence ----
+    def _write_metrics(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def save_checkpoint(self) -> Path:
+        from .checkpoint.train_state import save_train_state
+
+        return save_train_state(self.out, self.step, model=self.model, optimizer=self.optimizer,
+                                scheduler=self.scheduler,
+                                data_state={**self.stream.state(), "bad_in_a_row": self.bad_in_a_row},
+                                extra=self.fingerprint(), keep_last=self.cfg.keep_last)
+
+    def _resume(self, path: str) -> None:
+        from .checkpoint.train_state import latest_checkpoint, load_train_state
+        from .errors import CheckpointError
+
+        p = Path(path)
+        if not p.exists():
+            raise CheckpointError(f"--resume {p}: path does not exist")
+        ckpt = p if (p / "meta.json").exists() else latest_checkpoint(p)
+        if ckpt is None:
+            raise CheckpointError(f"--resume {p}: no complete checkpoint found")
+        step, data_state, _ = load_train_state(ckpt, model=self.model, optimizer=self.optimizer,
+                                               scheduler=self.scheduler, expect_extra=self.fingerprint())
+        self.step = step
+        self.stream = RowStream(self.train_rows, self.cfg.seed, data_state["epoch"], data_state["cursor"])
+        self.bad_in_a_row = int(data_state.get("bad_in_a_row", 0))
+        # metrics after the checkpoint belong to the interrupted future: drop them so the curve is exact
+        if self.metrics_path.exists():
+            keep = [l for l in self.metrics_path.read_text().splitlines()
+                    if l.strip() and json.loads(l).get("step", 0) <= step]
+            self.metrics_path.write_text("".join(l + "\n" for l in keep))
+        self.log(f"resumed from {ckpt} at step {step}")
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+        self.log(f"received signal {signum}: saving a checkpoint after this step")
+
+    # ---- main ----
+    def run(self) -> dict:
+        cfg = self.cfg
+        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._run()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _run(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        summary: dict = {"out": str(self.out)}
+        if self.step == 0:
+            ev = self.evaluate()
+            if ev:
+                self.log(f"validation before: loss {ev['val_loss']:.4f}, perplexity {ev['val_ppl']:.2f}")
+                self._write_metrics({"step": 0, **ev})
+                summary["val_before"] = ev
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step", file=sys.stderr,
+                   disable=not cfg.progress, dynamic_ncols=True)
+        while self.step < cfg.steps:
+            row = self.train_step()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                ev = self.evaluate()
+                if ev:
+                    row.update(ev)
+            self._write_metrics(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if self._stop_signal is not None:
+                bar.close()
+                ck = self.save_checkpoint()
+                self.log(f"stopped by signal at step {self.step}; checkpoint {ck}; resume with --resume {self.out}")
+                summary["interrupted"] = True
+                summary["exit_code"] = 128 + self._stop_signal
+                return summary
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        ev = self.evaluate()
+        if ev:
+            self.log(f"validation after:  loss {ev['val_loss']:.4f}, perplexity {ev['val_ppl']:.2f}")
+            self._write_metrics({"step": self.step, **ev})
+            summary["val_after"] = ev
+        self.save_checkpoint()
+        self.export()
+        self.plot()
+        return summary
+
+    def export(self) -> Path:
+        """The final model as an HF-format dir (LoRA: adapter dir too) that generate and transformers load."""
+        from .checkpoint.hf import save_hf
+
+        model = self.model
+        if self.cfg.lora_rank:
+            from .transforms.lora import merged_copy, save_adapter
+
+            save_adapter(model, self.out / "adapter")
+            model = merged_copy(model)
+        dst = save_hf(model, self.out / "final", tokenizer=self.tokenizer)
+        self.log(f"final model: {dst}")
+        return dst
+
+    def plot(self) -> Path:
+        return plot_metrics(self.metrics_path, self.out / "loss.png")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def plot_metrics(metrics_path: str | Path, png: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r and not r.get("skipped")]
+    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if tr:
+        ax.plot(*zip(*tr), label="train loss", lw=1.5)
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation loss", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return Path(png)
