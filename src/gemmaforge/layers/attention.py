@@ -170,6 +170,7 @@ class AttnCall:
     scale: float
     softcap: float | None
     keys_are_queries: bool  # no cache: keys are exactly this call's tokens
+    tap: Callable | None = None  # eager only: tap(name, tensor) -> tensor for scores / pattern hooks
 
     def mask_mod(self) -> MaskMod:
         mods = [causal_mask(self.info.idx, self.k_idx)]
@@ -210,7 +211,11 @@ def eager_attention(q, k, v, call: AttnCall, return_probs: bool = False):
     scores = _softcap(scores, call.softcap)
     if call.needs_mask(q.shape[2], k.shape[2]):
         scores = scores.masked_fill(~call.dense_mask(q.shape[0]), float("-inf"))
+    if call.tap is not None:
+        scores = call.tap("attn.hook_attn_scores", scores)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if call.tap is not None:
+        probs = call.tap("attn.hook_pattern", probs)
     out = torch.matmul(probs, v)
     return (out, probs) if return_probs else (out, None)
 

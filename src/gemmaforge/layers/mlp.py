@@ -22,5 +22,10 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.act = ACTIVATIONS[activation]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, hook=None) -> torch.Tensor:
+        """``hook(name, tensor) -> tensor`` taps mlp.hook_pre / hook_pre_linear / hook_post when given."""
+        if hook is None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        pre = hook("mlp.hook_pre", self.gate_proj(x))
+        lin = hook("mlp.hook_pre_linear", self.up_proj(x))
+        return self.down_proj(hook("mlp.hook_post", self.act(pre) * lin))

@@ -30,6 +30,18 @@ class ForwardContext:
     eager_layers: set = field(default_factory=set)
     # shared per-forward state between layers (e.g. Gemma 4 KV sharing); a fresh dict each forward
     shared: dict = field(default_factory=dict)
+    # interpretability hooks (transforms/hooks.py); None = no hook anywhere, each site costs one call
+    hooks: object | None = None
+
+    def hook(self, layer: int | None, name: str, x: torch.Tensor, layout: str = "bsd") -> torch.Tensor:
+        """A named hook site (TransformerLens names). Returns ``x`` or a hook's replacement."""
+        return x if self.hooks is None else self.hooks(layer, name, x, layout)
+
+    def mlp_hook(self, layer: int):
+        return None if self.hooks is None else (lambda name, x: self.hooks(layer, name, x, "bsd"))
+
+    def wants(self, layer: int | None, name: str) -> bool:
+        return self.hooks is not None and self.hooks.wants(layer, name)
 
 
 def rope_cache_attend(q, k, v, ctx: ForwardContext, *, layer_idx: int, layer_type: str, window, scale: float,
@@ -37,16 +49,34 @@ def rope_cache_attend(q, k, v, ctx: ForwardContext, *, layer_idx: int, layer_typ
     """The part of self-attention every family shares, after projections (and q/k norms):
     apply this layer type's RoPE, append to the KV cache if any, attend under the composed mask.
     q [B,H,S,D], k/v [B,Hkv,S,D] -> [B,H,S,D]."""
+    i = layer_idx
+    q, k, v = (ctx.hook(i, n, t, "bhsd") for n, t in (("attn.hook_q", q), ("attn.hook_k", k), ("attn.hook_v", v)))
     cos, sin = ctx.rope[layer_type]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = ctx.hook(i, "attn.hook_rot_q", q, "bhsd"), ctx.hook(i, "attn.hook_rot_k", k, "bhsd")
     info = ctx.info
     k_doc, k_idx = info.doc, info.idx
     if ctx.cache is not None:
         k, v, k_doc, k_idx = ctx.cache.update(layer_idx, k, v, info.doc, info.idx)
     call = AttnCall(info, k_doc, k_idx, window, scale, softcap, ctx.cache is None)
-    backend = "eager" if layer_idx in ctx.eager_layers else ctx.backend
-    out, _ = attention(q, k, v, call, backend)
+    if i in ctx.eager_layers:  # hooks read scores / pattern: the explicit reference path, this call only
+        call.tap = lambda name, t: ctx.hook(i, name, t, "bhqk")
+        out, _ = attention(q, k, v, call, "eager")
+    else:
+        out, _ = attention(q, k, v, call, ctx.backend)
     return out
+
+
+def attn_output(o_proj: nn.Module, out: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
+    """Per-head attention output ``z`` -> ``o_proj``. out: [B,H,S,D] -> [B,S,hidden]."""
+    B, H, S, D = out.shape
+    z = ctx.hook(layer_idx, "attn.hook_z", out.transpose(1, 2), "bshd")  # (B, S, H, D)
+    if ctx.wants(layer_idx, "attn.hook_result"):
+        # opt-in: each head's contribution through its slice of W_O, (B, S, H, hidden); they sum to o_proj(z)
+        w = o_proj.weight.view(o_proj.weight.shape[0], H, D)
+        result = ctx.hook(layer_idx, "attn.hook_result", torch.einsum("bshd,mhd->bshm", z, w), "bshd")
+        return result.sum(2)
+    return o_proj(z.reshape(B, S, -1))
 
 
 class CausalLM(nn.Module):
@@ -130,16 +160,39 @@ class CausalLM(nn.Module):
         B, S, _ = h.shape
         ctx = self.make_context(B, S, h.device, h.dtype, cu_seqlens=cu_seqlens, position_ids=position_ids,
                                 attention_mask=attention_mask, cache=cache, attn_backend=attn_backend)
+        hooks = getattr(self, "_active_hooks", None)
+        if hooks is not None:
+            hooks.bind(ctx)
+        h = ctx.hook(None, "hook_embed", h)
         h = self.run_layers(h, ctx)
         if cache is not None:
             cache.advance(S)
-        out = h if return_hidden else self.logits(h)
+        out = h if return_hidden else ctx.hook(None, "hook_logits", self.logits(h))
         return out.reshape(*lead, out.shape[-1])
 
     def run_layers(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         for layer in self.model.layers.values():
             h = layer(h, ctx)
-        return self.model.norm(h)
+        return ctx.hook(None, "ln_final.hook_normalized", self.model.norm(h))
+
+    # ---- interpretability (the machinery lives in transforms/hooks.py) ----
+    def run_with_cache(self, input_ids=None, names_filter=None, **forward_kwargs):
+        """``(logits, cache)`` with TransformerLens hook names; ``cache["resid_post", i]`` works."""
+        from ..transforms.hooks import run_with_cache
+
+        return run_with_cache(self, input_ids, names_filter, **forward_kwargs)
+
+    def run_with_hooks(self, input_ids=None, fwd_hooks=(), **forward_kwargs):
+        """``fwd_hooks=[(name_or_predicate, fn)]``; ``fn(tensor, hook)`` may return a replacement."""
+        from ..transforms.hooks import run_with_hooks
+
+        return run_with_hooks(self, input_ids, fwd_hooks, **forward_kwargs)
+
+    def hooks(self, fwd_hooks=(), cache=None, names_filter=None):
+        """Context manager attaching hooks to every forward inside it."""
+        from ..transforms.hooks import hooks
+
+        return hooks(self, list(fwd_hooks), cache=cache, names_filter=names_filter)
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache([self.config.window_for(t) for t in self.config.layer_types], max_len)

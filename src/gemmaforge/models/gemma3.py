@@ -21,7 +21,7 @@ from torch import nn
 from ..config import Gemma3Config
 from ..layers.mlp import GatedMLP
 from ..layers.norm import GemmaRMSNorm
-from .base import CausalLM, ForwardContext, rope_cache_attend
+from .base import CausalLM, ForwardContext, attn_output, rope_cache_attend
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -63,13 +63,14 @@ class Gemma3Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         out = rope_cache_attend(q, k, v, ctx, layer_idx=self.layer_idx, layer_type=self.layer_type,
                                 window=self.window, scale=self.scale, softcap=self.softcap)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+        return attn_output(self.o_proj, out, ctx, self.layer_idx)
 
 
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, cfg: Gemma3Config, layer_idx: int):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.layer_idx = layer_idx
         self.self_attn = Gemma3Attention(cfg, layer_idx)
         self.mlp = GatedMLP(h, cfg.intermediate_size, cfg.hidden_activation)
         self.input_layernorm = GemmaRMSNorm(h, eps)
@@ -78,9 +79,15 @@ class Gemma3DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = GemmaRMSNorm(h, eps)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), ctx))
-        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        return h
+        # hook sites carry TransformerLens names; with no hooks each is one cheap call returning its input
+        i, hk = self.layer_idx, ctx.hook
+        h = hk(i, "hook_resid_pre", h)
+        a = self.self_attn(hk(i, "ln1.hook_normalized", self.input_layernorm(hk(i, "hook_attn_in", h))), ctx)
+        a = hk(i, "ln1_post.hook_normalized", self.post_attention_layernorm(hk(i, "hook_attn_out", a)))
+        h = hk(i, "hook_resid_mid", h + a)
+        m = self.mlp(hk(i, "ln2.hook_normalized", self.pre_feedforward_layernorm(h)), ctx.mlp_hook(i))
+        m = hk(i, "ln2_post.hook_normalized", self.post_feedforward_layernorm(hk(i, "hook_mlp_out", m)))
+        return hk(i, "hook_resid_post", h + m)
 
 
 class Gemma3Model(nn.Module):

@@ -13,7 +13,7 @@ from torch import nn
 from ..config import MistralConfig
 from ..layers.mlp import GatedMLP
 from ..layers.norm import RMSNorm
-from .base import CausalLM, ForwardContext, rope_cache_attend
+from .base import CausalLM, ForwardContext, attn_output, rope_cache_attend
 
 
 class MistralAttention(nn.Module):
@@ -37,21 +37,26 @@ class MistralAttention(nn.Module):
         v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
         out = rope_cache_attend(q, k, v, ctx, layer_idx=self.layer_idx, layer_type=self.layer_type,
                                 window=self.window, scale=self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+        return attn_output(self.o_proj, out, ctx, self.layer_idx)
 
 
 class MistralDecoderLayer(nn.Module):
     def __init__(self, cfg: MistralConfig, layer_idx: int):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.layer_idx = layer_idx
         self.self_attn = MistralAttention(cfg, layer_idx)
         self.mlp = GatedMLP(h, cfg.intermediate_size, cfg.hidden_activation)
         self.input_layernorm = RMSNorm(h, eps, cast_before_scale=True)
         self.post_attention_layernorm = RMSNorm(h, eps, cast_before_scale=True)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        i, hk = self.layer_idx, ctx.hook
+        h = hk(i, "hook_resid_pre", h)
+        a = self.self_attn(hk(i, "ln1.hook_normalized", self.input_layernorm(hk(i, "hook_attn_in", h))), ctx)
+        h = hk(i, "hook_resid_mid", h + hk(i, "hook_attn_out", a))
+        m = self.mlp(hk(i, "ln2.hook_normalized", self.post_attention_layernorm(h)), ctx.mlp_hook(i))
+        return hk(i, "hook_resid_post", h + hk(i, "hook_mlp_out", m))
 
 
 class MistralModel(nn.Module):

@@ -1,0 +1,201 @@
+"""Hook points with TransformerLens names, an activation cache, and hooks that replace activations.
+
+The model files carry named hook *sites* (``ctx.hook(layer, name, x)``) that cost one function call
+when nothing is attached. This module decides what runs there: caching, replacement, ablation.
+Shapes follow TransformerLens: ``[batch, pos, d_model]`` for the residual stream,
+``[batch, pos, head, d_head]`` for q/k/v/z (``hook_q``/``hook_k`` are after the per-head q/k norm,
+before RoPE; ``hook_rot_q``/``hook_rot_k`` after that layer's own RoPE), ``[batch, head, q, k]`` for
+``attn.hook_attn_scores`` / ``attn.hook_pattern``. Asking for scores or the pattern of a layer runs
+that layer on the eager backend for that call only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+# per-layer hook names in execution order (families without sandwich norms skip the *_post norms)
+LAYER_HOOKS = [
+    "hook_resid_pre", "hook_attn_in", "ln1.hook_normalized",
+    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
+    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result",
+    "hook_attn_out", "ln1_post.hook_normalized", "hook_resid_mid", "ln2.hook_normalized",
+    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "ln2_post.hook_normalized",
+    "hook_resid_post",
+]
+SANDWICH_ONLY = {"ln1_post.hook_normalized", "ln2_post.hook_normalized"}
+OPT_IN = {"attn.hook_result"}  # computed only when asked for by name (costs a per-head projection)
+EAGER = {"attn.hook_attn_scores", "attn.hook_pattern"}
+
+# TransformerLens get_act_name shorthands: cache["resid_post", 3]
+SHORT = {
+    "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
+    "attn_in": "hook_attn_in", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
+    "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v", "rot_q": "attn.hook_rot_q",
+    "rot_k": "attn.hook_rot_k", "z": "attn.hook_z", "result": "attn.hook_result",
+    "attn_scores": "attn.hook_attn_scores", "scores": "attn.hook_attn_scores", "pattern": "attn.hook_pattern",
+    "attn": "attn.hook_pattern", "pre": "mlp.hook_pre", "pre_linear": "mlp.hook_pre_linear", "post": "mlp.hook_post",
+    "mlp_pre": "mlp.hook_pre", "mlp_post": "mlp.hook_post",
+    "ln1": "ln1.hook_normalized", "ln2": "ln2.hook_normalized", "ln1_post": "ln1_post.hook_normalized",
+    "ln2_post": "ln2_post.hook_normalized",
+}
+GLOBAL_SHORT = {"embed": "hook_embed", "ln_final": "ln_final.hook_normalized", "logits": "hook_logits"}
+
+
+def act_name(name: str, layer: int | None = None) -> str:
+    if layer is None:
+        return GLOBAL_SHORT.get(name, name)
+    return f"blocks.{layer}.{SHORT.get(name, name)}"
+
+
+def hook_names(model, include_opt_in: bool = False) -> list[str]:
+    """Every hook point of ``model`` in execution order."""
+    sandwich = hasattr(next(iter(model.model.layers.values())), "post_feedforward_layernorm")
+    names = ["hook_embed"]
+    for i in range(len(model.model.layers)):
+        for n in LAYER_HOOKS:
+            if (n in SANDWICH_ONLY and not sandwich) or (n in OPT_IN and not include_opt_in):
+                continue
+            names.append(f"blocks.{i}.{n}")
+    return names + ["ln_final.hook_normalized", "hook_logits"]
+
+
+@dataclass
+class HookRef:
+    """Second argument of a hook function, as in TransformerLens: ``fn(tensor, hook)``."""
+
+    name: str
+
+    def layer(self) -> int | None:
+        m = re.match(r"blocks\.(\d+)\.", self.name)
+        return int(m.group(1)) if m else None
+
+
+def _to_tl(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.transpose(1, 2) if layout == "bhsd" else x  # (B,H,S,D) -> (B,S,H,D)
+
+
+def _from_tl(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.transpose(1, 2) if layout == "bhsd" else x
+
+
+class ActivationCache(dict):
+    """``cache["blocks.3.hook_resid_post"]`` or the shorthand ``cache["resid_post", 3]``."""
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            key = act_name(key[0], key[1] if len(key) > 1 else None)
+        elif key in GLOBAL_SHORT:
+            key = GLOBAL_SHORT[key]
+        return super().__getitem__(key)
+
+    def stack(self, name: str, layers: Iterable[int] | None = None) -> torch.Tensor:
+        """``[n_layers, ...]`` of one per-layer hook (e.g. every ``resid_post``)."""
+        n = 1 + max(int(k.split(".")[1]) for k in self.keys() if k.startswith("blocks."))
+        return torch.stack([self[name, i] for i in (layers if layers is not None else range(n))])
+
+
+NameOrPred = str | Callable[[str], bool]
+
+
+class Hooks:
+    """The hooks active for one or more forwards; bound to each forward's context."""
+
+    def __init__(self, model, fwd_hooks: list[tuple[NameOrPred, Callable]] = (), cache: dict | None = None,
+                 names_filter: NameOrPred | Iterable[str] | None = None, detach: bool = True,
+                 include_opt_in: bool = False):
+        self.cache = cache
+        self.detach = detach
+        all_names = hook_names(model, include_opt_in=True)
+        self.fns: dict[str, list[Callable]] = {}
+        for target, fn in fwd_hooks:
+            matched = [n for n in all_names if _match(target, n)]
+            if not matched:
+                raise KeyError(f"hook point {target!r} does not exist (e.g. {all_names[1]!r})")
+            for n in matched:
+                self.fns.setdefault(n, []).append(fn)
+        self.cache_names: set[str] = set()
+        if cache is not None:
+            candidates = hook_names(model, include_opt_in=include_opt_in)
+            if names_filter is None:
+                self.cache_names = set(candidates)
+            elif isinstance(names_filter, str) or callable(names_filter):
+                self.cache_names = {n for n in all_names if _match(names_filter, n)}
+            else:
+                wanted = {act_name(*n) if isinstance(n, tuple) else n for n in names_filter}
+                unknown = wanted - set(all_names)
+                if unknown:
+                    raise KeyError(f"hook point {sorted(unknown)[0]!r} does not exist")
+                self.cache_names = wanted
+        self.active = set(self.fns) | self.cache_names
+        self.eager_layers = {int(n.split(".")[1]) for n in self.active if n.split(".", 2)[-1] in EAGER}
+        self._names: dict[tuple, str] = {}
+
+    def bind(self, ctx) -> None:
+        ctx.hooks = self
+        ctx.eager_layers = set(ctx.eager_layers) | self.eager_layers
+
+    def _full(self, layer, name) -> str:
+        key = (layer, name)
+        full = self._names.get(key)
+        if full is None:
+            full = self._names[key] = name if layer is None else f"blocks.{layer}.{name}"
+        return full
+
+    def wants(self, layer, name) -> bool:
+        return self._full(layer, name) in self.active
+
+    def __call__(self, layer, name, x, layout):
+        full = self._full(layer, name)
+        if full not in self.active:
+            return x
+        t = _to_tl(x, layout)
+        changed = False
+        for fn in self.fns.get(full, ()):
+            r = fn(t, HookRef(full))
+            if r is not None:
+                if r.shape != t.shape:
+                    raise ValueError(f"hook on {full} returned shape {tuple(r.shape)}, expected {tuple(t.shape)}")
+                t, changed = r, True
+        if full in self.cache_names:
+            self.cache[full] = t.detach() if self.detach else t
+        return _from_tl(t, layout) if changed else x
+
+
+def _match(target, name: str) -> bool:
+    if callable(target):
+        return bool(target(name))
+    if isinstance(target, tuple):
+        target = act_name(*target)
+    return target == name
+
+
+@contextlib.contextmanager
+def hooks(model, fwd_hooks: list[tuple[NameOrPred, Callable]] = (), cache: dict | None = None,
+          names_filter=None, detach: bool = True, include_opt_in: bool = False):
+    """Attach hooks to every forward of ``model`` inside the block."""
+    h = Hooks(model, fwd_hooks, cache, names_filter, detach, include_opt_in)
+    prev = getattr(model, "_active_hooks", None)
+    model._active_hooks = h
+    try:
+        yield h
+    finally:
+        model._active_hooks = prev
+
+
+def run_with_cache(model, input_ids=None, names_filter=None, *, detach: bool = True, include_opt_in: bool = False,
+                   **forward_kwargs):
+    """``(logits, cache)``; every hook point cached unless ``names_filter`` narrows it."""
+    cache = ActivationCache()
+    with hooks(model, cache=cache, names_filter=names_filter, detach=detach, include_opt_in=include_opt_in):
+        logits = model(input_ids, **forward_kwargs)
+    return logits, cache
+
+
+def run_with_hooks(model, input_ids=None, fwd_hooks=(), **forward_kwargs):
+    with hooks(model, fwd_hooks=list(fwd_hooks)):
+        return model(input_ids, **forward_kwargs)
