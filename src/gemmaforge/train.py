@@ -190,8 +190,10 @@ class Trainer:
         self.autocast = self.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16", "bf16")
         self.out = self._prepare_out()
         self._set_seed(cfg.seed)
-        self.model, self.tokenizer = self._load_model(model, tokenizer)
+        # tokenizer and data first: bad data fails in a second, before the model loads
+        self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
         self.train_rows, self.val_rows = self._load_data(train_docs, val_docs)
+        self.model = self._load_model(model)
         self._apply_transforms()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         fused = self.device.type in ("cpu", "cuda")
@@ -227,16 +229,19 @@ class Trainer:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    def _load_model(self, model, tokenizer):
-        from .api import from_pretrained, load_tokenizer
+    def _load_tokenizer(self):
+        from .api import load_tokenizer
+
+        return load_tokenizer(self.cfg.model)
+
+    def _load_model(self, model):
+        from .api import from_pretrained
 
         if model is None:
             model = from_pretrained(self.cfg.model, dtype=torch.float32, device=self.device)
-        if tokenizer is None:
-            tokenizer = load_tokenizer(self.cfg.model)
         model.train()
         model.attn_backend = self.cfg.attn_backend
-        return model, tokenizer
+        return model
 
     def _load_data(self, train_docs, val_docs):
         from .data import Document, load_documents, pack_documents, packing_stats, train_val_split
