@@ -29,6 +29,10 @@ def cmd_generate(a) -> int:
     t0 = time.perf_counter()
     model = from_pretrained(a.model, dtype=a.dtype, device=_device(a.device))
     model.attn_backend = a.attn_backend
+    if a.adapter:
+        from .transforms.lora import load_adapter
+
+        load_adapter(model, a.adapter)
     tok = load_tokenizer(a.model)
     print(f"loaded {a.model or 'gemma-3-270m'} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     from tqdm import tqdm
@@ -43,6 +47,18 @@ def cmd_generate(a) -> int:
     sys.stdout.flush()
     print(f"{st.new_tokens} tokens in {st.decode_s:.2f}s ({st.tokens_per_s:.1f} tokens/s; prompt "
           f"{st.prompt_tokens} tokens prefilled in {st.prefill_s:.2f}s)", file=sys.stderr)
+    return 0
+
+
+def cmd_merge(a) -> int:
+    from .api import from_pretrained, load_tokenizer
+    from .checkpoint.hf import save_hf
+    from .transforms.lora import load_adapter, merged_copy
+
+    model = from_pretrained(a.model)
+    load_adapter(model, a.adapter)
+    out = save_hf(merged_copy(model), a.out, tokenizer=load_tokenizer(a.model))
+    print(f"wrote merged model to {out}", file=sys.stderr)
     return 0
 
 
@@ -124,7 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a tty")
+    g.add_argument("--adapter", default=None, help="a LoRA adapter dir (PEFT format) applied on top of --model")
     g.set_defaults(func=cmd_generate)
+
+    mg = sub.add_parser("merge", help="fold a LoRA adapter into the base weights and write an HF dir")
+    mg.add_argument("--model", default=None, help="base model (HF dir, .gguf or preset; default gemma-3-270m)")
+    mg.add_argument("--adapter", required=True, help="LoRA adapter dir (PEFT format)")
+    mg.add_argument("--out", required=True, help="output HF-format dir")
+    mg.set_defaults(func=cmd_merge)
 
     c = sub.add_parser("convert", help="GGUF file or HF dir -> HF-format dir")
     c.add_argument("src")

@@ -79,6 +79,21 @@ def attn_output(o_proj: nn.Module, out: torch.Tensor, ctx: ForwardContext, layer
     return o_proj(z.reshape(B, S, -1))
 
 
+def splice_embeds(h: torch.Tensor, extra: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """Put ``extra`` [B, N, H] at ``positions`` [B, N] of ``h`` [B, S, H] (out of place, differentiable)."""
+    if positions is None:
+        raise InputError("extra_embeds needs extra_positions (where in the sequence the features go)")
+    B, S, H = h.shape
+    extra = extra.reshape(B, -1, H) if extra.dim() == 2 else extra
+    positions = positions.reshape(B, -1).to(h.device)
+    if extra.shape[:2] != positions.shape:
+        raise InputError(f"extra_embeds {tuple(extra.shape)} and extra_positions {tuple(positions.shape)} disagree")
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= S):
+        raise InputError(f"extra_positions must lie in [0, {S}); got {int(positions.min())}..{int(positions.max())}")
+    b = torch.arange(B, device=h.device)[:, None].expand_as(positions)
+    return h.index_put((b, positions), extra.to(h.dtype))
+
+
 class CausalLM(nn.Module):
     """Base class: subclasses set ``self.config``, ``self.model`` (embed_tokens, layers, norm), ``self.lm_head``."""
 
@@ -139,6 +154,8 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         attn_backend: str | None = None,
         return_hidden: bool = False,
+        extra_embeds: torch.Tensor | None = None,
+        extra_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, S, V]`` (or ``[T, V]`` for a 1-D packed row); final hidden states if ``return_hidden``.
 
@@ -146,6 +163,12 @@ class CausalLM(nn.Module):
         ``[0, l1, l1+l2, ..., T]``; positions restart in every document and no token sees another
         document. Padded: ``attention_mask`` ``[B, S]``; each row equals its unpadded self.
         ``inputs_embeds`` are used as given (not scaled again).
+
+        Multimodal prefixes: ``extra_embeds`` ``[B, N, hidden]`` (``[N, hidden]`` for a 1-D row)
+        replace the token embeddings at ``extra_positions`` ``[B, N]`` (``[N]``). Scaling rule: text
+        tokens go through the scaled embedding (Gemma: ``* sqrt(hidden)``) exactly once; spliced
+        features are used AS GIVEN, never scaled, so an encoder/projector must produce vectors at
+        the scale of scaled token embeddings (``gemmaforge.multimodal.Projector`` learns it).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids or inputs_embeds")
@@ -157,6 +180,8 @@ class CausalLM(nn.Module):
         else:
             h = inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1]) if (
                 inputs_embeds.dim() == 2 or cu_seqlens is not None) else inputs_embeds
+        if extra_embeds is not None:
+            h = splice_embeds(h, extra_embeds, extra_positions)
         B, S, _ = h.shape
         ctx = self.make_context(B, S, h.device, h.dtype, cu_seqlens=cu_seqlens, position_ids=position_ids,
                                 attention_mask=attention_mask, cache=cache, attn_backend=attn_backend)
