@@ -1,0 +1,519 @@
+"""Memory-efficient LM-head losses: chunked cross-entropy and chunked log-probs.
+
+The Gemma 3 LM head is ``logits = hidden @ weight.T`` with ``weight [V, H]``
+(tied to the token embedding, ``V = 262_144``), optionally followed by final
+logit soft-capping ``z = c * tanh(z / c)``.  Materialising ``[N, V]`` fp32
+logits (plus the ``log_softmax`` output and its gradient that autograd keeps
+around) costs several gigabytes for a few thousand tokens.  The functions here
+walk over the tokens ``chunk_size`` rows at a time and never hold more than a
+couple of ``[chunk_size, V]`` fp32 buffers, in the forward *and* the backward
+pass.
+
+Public API
+----------
+``chunked_cross_entropy(hidden, weight, labels, *, softcap=None, chunk_size=1024,
+reduction="sum", ignore_index=-100)``
+    Token cross-entropy of the LM head.  ``"sum"`` (default) returns the fp32
+    sum over valid tokens (the trainer divides by the global number of valid
+    tokens), ``"mean"`` divides by the local number of valid tokens (``nan``
+    when there is none, like ``F.cross_entropy``), ``"none"`` returns the fp32
+    per-token losses (0 where ignored).
+
+``chunked_logprobs(hidden, weight, targets, *, softcap=None, temperature=1.0,
+chunk_size=1024, return_entropy=False)``
+    ``log_softmax(softcap(logits) / temperature)`` gathered at ``targets``
+    (fp32), and optionally the entropy of that distribution; differentiable
+    through both outputs wrt ``hidden`` and ``weight``.
+
+``naive_cross_entropy`` / ``naive_logprobs``
+    Straightforward references that materialise the full logits.
+
+``hidden`` may have leading batch dimensions (``[..., H]``); it is flattened to
+``[N, H]``.  Per-token outputs come back in the shape of ``labels``/``targets``.
+
+Design choices
+--------------
+* **Precision.**  All logit math (matmul output, soft-cap, logsumexp, softmax,
+  gradients of the logits) is done in fp32.  Low-precision (bf16/fp16) inputs
+  are *upcast* before the matmul: ``hidden`` once (``[N, H]``, cheap) and
+  ``weight`` once per call (an fp32 ``[V, H]`` copy; the same size as the fp32
+  weight-gradient accumulator, so it does not change the memory order).  This
+  gives exact fp32 logits instead of bf16-rounded ones (a logit of 20 would
+  otherwise carry a rounding error of ~0.08).  The losses are returned in fp32;
+  gradients are returned in the dtype of the respective input, accumulated in
+  fp32 over the chunks.
+* **Cross-entropy with ``"sum"``/``"mean"``: fused.**  The scalar loss has a
+  scalar upstream gradient, so the gradients wrt ``hidden`` and ``weight`` are
+  computed in the *same* pass as the loss (the softmax of the chunk is already
+  in hand) and backward only scales them.  That costs 3 ``N x V x H`` matmuls
+  (naive autograd also needs 3) and no recomputation, versus 4 for a
+  recompute-in-backward scheme.  Peak memory is the same as for recomputation:
+  ``O(chunk_size * V)`` for the chunk buffers plus the unavoidable ``[V, H]``
+  weight gradient (which exists from the forward until the backward instead of
+  only during the backward; when ``loss.backward()`` follows the loss, which is
+  where the training peak is, that makes no difference).  Backward scales the
+  saved buffers *in place* and hands them to autograd (no second ``[V, H]``
+  copy), so the graph of such a loss can be back-propagated only once
+  (``retain_graph=True`` followed by a second backward raises a clear error;
+  use ``reduction="none"`` + ``.sum()`` if you need that).
+* **Cross-entropy with ``"none"`` and log-probs: recompute.**  Per-token
+  upstream gradients are arbitrary, so ``weight``'s gradient cannot be
+  precomputed.  The forward saves only the per-token logsumexp (and entropy)
+  and the backward recomputes each chunk's logits (4 matmuls in all).
+* **Ignored labels** (``ignore_index``) are compacted away before the LM head:
+  only valid rows are multiplied, so chunks that would contain only ignored
+  tokens are never computed, and partially ignored chunks do no wasted work.
+* ``weight.requires_grad == False`` (e.g. LoRA) or ``hidden.requires_grad ==
+  False`` skip the corresponding gradient matmul; under ``torch.no_grad`` no
+  gradient is computed at all.
+* Each call allocates its ``[chunk, V]`` fp32 work buffers once and reuses them
+  for every chunk (in-place ops, ``out=`` matmuls): 1 buffer for cross-entropy
+  without soft-cap, 2 with soft-cap or for log-probs with entropy or soft-cap,
+  3 for the log-probs backward with both soft-cap and an entropy gradient.
+  Peak extra memory is therefore ``(1..3) * chunk * V * 4`` bytes plus the
+  ``[V, H]`` weight gradient; nothing of size ``N * V`` is ever allocated.
+* Unused outputs: if only ``hidden``'s gradient is requested via
+  ``torch.autograd.grad`` while ``weight.requires_grad`` is True, the fused
+  cross-entropy still computes the weight gradient in the forward (it cannot
+  know); freeze the weight (``requires_grad_(False)``) to skip it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "chunked_cross_entropy",
+    "chunked_logprobs",
+    "naive_cross_entropy",
+    "naive_logprobs",
+]
+
+_REDUCTIONS = ("sum", "mean", "none")
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+def _flatten_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, name: str):
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden [..., H] and weight [V, H] disagree on H: {tuple(hidden.shape)} vs {tuple(weight.shape)}"
+        )
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    if y.numel() != h.shape[0]:
+        raise ValueError(
+            f"{name} has {y.numel()} elements but hidden has {h.shape[0]} rows ({tuple(hidden.shape)})"
+        )
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must be an integer tensor, got {y.dtype}")
+    if y.device != h.device or weight.device != h.device:
+        raise ValueError("hidden, weight and labels must be on the same device")
+    return h, y.long()
+
+
+def _check_chunk(chunk_size: int) -> int:
+    chunk_size = int(chunk_size)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return chunk_size
+
+
+def _check_range(y: torch.Tensor, vocab: int, name: str) -> None:
+    if y.numel() and bool(((y < 0) | (y >= vocab)).any()):
+        bad = y[(y < 0) | (y >= vocab)][:5].tolist()
+        raise IndexError(f"{name} out of range [0, {vocab}): e.g. {bad}")
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _is_one(scale: torch.Tensor) -> bool:
+    # Only inspect the value when it is free to do so (no device sync).
+    return scale.device.type == "cpu" and scale.numel() == 1 and float(scale) == 1.0
+
+
+class _Workspace:
+    """Up to three ``[chunk, V]`` fp32 buffers reused by every chunk of a call.
+
+    Allocating a fresh ``[chunk, V]`` tensor per chunk costs page faults (CPU)
+    or allocator churn; reusing them also bounds the live chunk memory.
+    """
+
+    def __init__(self, rows: int, cols: int, device: torch.device):
+        self.rows, self.cols, self.device = rows, cols, device
+        self._bufs: list = [None, None, None]
+
+    def get(self, i: int, c: int) -> torch.Tensor:
+        if self._bufs[i] is None:
+            self._bufs[i] = torch.empty((self.rows, self.cols), dtype=torch.float32, device=self.device)
+        return self._bufs[i][:c]  # leading rows: contiguous
+
+
+# --------------------------------------------------------------------------- #
+# fused cross-entropy (sum / mean)
+# --------------------------------------------------------------------------- #
+def _ce_chunk(
+    h_c: torch.Tensor,
+    wc: torch.Tensor,
+    y_c: torch.Tensor,
+    softcap: Optional[float],
+    need_grad: bool,
+    ws: _Workspace,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Loss per row of one chunk and, if ``need_grad``, d(sum loss)/d(raw logits).
+
+    ``h_c`` [C, H] fp32, ``wc`` [V, H] fp32, ``y_c`` [C] valid labels.
+    The returned gradient lives in a workspace buffer (valid until the next chunk).
+    """
+    c = h_c.shape[0]
+    z = torch.mm(h_c, wc.t(), out=ws.get(0, c))  # [C, V] fp32 raw logits
+    if softcap is not None:
+        z.div_(softcap).tanh_()  # t = tanh(z / c), kept for the derivative
+        logits = torch.mul(z, softcap, out=ws.get(1, c)) if need_grad else z.mul_(softcap)
+    else:
+        logits = z
+    m = logits.amax(dim=1, keepdim=True)
+    tgt = logits.gather(1, y_c[:, None]).squeeze(1)
+    e = logits.sub_(m).exp_()  # in place: exp(z - max)
+    s = e.sum(dim=1)
+    loss = (m.squeeze(1) + s.log()) - tgt
+    if not need_grad:
+        return loss, None
+    p = e.div_(s[:, None])  # softmax
+    p.scatter_add_(1, y_c[:, None], torch.full_like(tgt[:, None], -1.0))  # p - onehot
+    if softcap is not None:
+        # d/dz [c * tanh(z / c)] = 1 - tanh(z / c)^2
+        p.mul_(z.square_().neg_().add_(1.0))
+    return loss, p
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Sum of token losses over (already compacted, all valid) rows.
+
+    Gradients are computed during the forward; backward only scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, y, softcap, chunk_size, need_gh, need_gw):
+        n = h.shape[0]
+        wc = _fp32(weight)
+        hc = _fp32(h)
+        losses = torch.empty(n, dtype=torch.float32, device=h.device)
+        need_grad = need_gh or need_gw
+        gh = torch.empty((n, h.shape[1]), dtype=torch.float32, device=h.device) if need_gh else None
+        gw = None
+        ws = _Workspace(min(chunk_size, n), weight.shape[0], h.device)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            h_c = hc[s:e]
+            loss_c, dz = _ce_chunk(h_c, wc, y[s:e], softcap, need_grad, ws)
+            losses[s:e] = loss_c
+            if need_gh:
+                torch.mm(dz, wc, out=gh[s:e])
+            if need_gw:
+                if gw is None:
+                    gw = torch.mm(dz.t(), h_c)
+                else:
+                    gw.addmm_(dz.t(), h_c)
+            del dz, loss_c
+        del wc, hc, ws
+        if need_gw and gw is None:  # no rows at all
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # Keep the saved gradients in the inputs' dtypes (halves them for bf16).
+        ctx.gh = gh.to(h.dtype) if gh is not None else None
+        ctx.gw = gw.to(weight.dtype) if gw is not None else None
+        ctx.consumed = False
+        return losses.sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.consumed:
+            raise RuntimeError(
+                "chunked_cross_entropy(reduction='sum'|'mean') precomputes its gradients in the "
+                "forward pass and hands the buffers to autograd on the first backward; it cannot be "
+                "back-propagated twice (retain_graph). Use reduction='none' and .sum() instead."
+            )
+        ctx.consumed = True
+        gh, gw = ctx.gh, ctx.gw
+        ctx.gh = ctx.gw = None  # drop our references so autograd may steal the buffers
+        if not _is_one(grad_out):
+            if gh is not None:
+                gh.mul_(grad_out.to(gh.dtype))
+            if gw is not None:
+                gw.mul_(grad_out.to(gw.dtype))
+        return gh, gw, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- #
+# log-probs / entropy (recompute in backward)
+# --------------------------------------------------------------------------- #
+def _scaled_logits(h_c, wc, softcap, temperature, keep_tanh: bool, ws: _Workspace):
+    """Return ``(z, t)``: ``z = softcap(h_c @ wc.T) / temperature`` in fp32
+    (workspace buffer 0 or 1) and, if ``keep_tanh`` and softcap is set,
+    ``t = tanh(raw / c)`` (buffer 0; else None)."""
+    c = h_c.shape[0]
+    z = torch.mm(h_c, wc.t(), out=ws.get(0, c))
+    t = None
+    if softcap is not None:
+        z.div_(softcap).tanh_()
+        if keep_tanh:
+            t = z
+            z = torch.mul(t, softcap / temperature, out=ws.get(1, c))
+        else:
+            z.mul_(softcap / temperature)
+    elif temperature != 1.0:
+        z.div_(temperature)
+    return z, t
+
+
+class _ChunkedLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, y, softcap, temperature, chunk_size, want_entropy):
+        n = h.shape[0]
+        wc = _fp32(weight)
+        hc = _fp32(h)
+        logp = torch.empty(n, dtype=torch.float32, device=h.device)
+        lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        ent = torch.empty(n, dtype=torch.float32, device=h.device) if want_entropy else None
+        ws = _Workspace(min(chunk_size, n), weight.shape[0], h.device)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            z, _ = _scaled_logits(hc[s:e], wc, softcap, temperature, False, ws)  # buffer 0
+            m = z.amax(dim=1, keepdim=True)
+            zs = z.sub_(m)  # shifted logits (<= 0): better conditioned entropy
+            tgt = zs.gather(1, y[s:e, None]).squeeze(1)
+            if want_entropy:
+                ez = torch.exp(zs, out=ws.get(1, e - s))
+                sumexp = ez.sum(dim=1)
+                # sum_j exp(zs_j) * zs_j as a batched dot product (no [C, V] temporary)
+                dot = torch.bmm(ez[:, None, :], zs[:, :, None]).view(-1)
+                log_s = sumexp.log()
+                ent[s:e] = log_s - dot / sumexp
+            else:
+                log_s = zs.exp_().sum(dim=1).log()
+            logp[s:e] = tgt - log_s
+            lse[s:e] = m.squeeze(1) + log_s
+            del z, zs
+        del wc, hc, ws
+        ctx.save_for_backward(h, weight, y, lse, ent if want_entropy else None)
+        ctx.softcap = softcap
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        ctx.set_materialize_grads(False)
+        if want_entropy:
+            return logp, ent
+        return logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_lp, g_ent=None):
+        h, weight, y, lse, ent = ctx.saved_tensors
+        need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if (g_lp is None and g_ent is None) or not (need_gh or need_gw):
+            return None, None, None, None, None, None, None
+        softcap, temperature, chunk_size = ctx.softcap, ctx.temperature, ctx.chunk_size
+        n = h.shape[0]
+        wc = _fp32(weight)
+        hc = _fp32(h)
+        # Chain rule through "/ temperature": fold 1/T into the per-row coefficients.
+        inv_t = 1.0 / temperature
+        g_lp = g_lp.float() * inv_t if g_lp is not None else None
+        g_ent = g_ent.float() * inv_t if g_ent is not None else None
+        gh = torch.empty((n, h.shape[1]), dtype=torch.float32, device=h.device) if need_gh else None
+        gw = None
+        ws = _Workspace(min(chunk_size, n), weight.shape[0], h.device)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            h_c = hc[s:e]
+            z, t = _scaled_logits(h_c, wc, softcap, temperature, True, ws)
+            logp = z.sub_(lse[s:e, None])  # log p, in place
+            # dz = g_lp * (onehot - p) + g_ent * (-p * (log p + H))
+            #    = p * (-g_ent * (log p + H) - g_lp) + g_lp * onehot
+            if g_ent is not None:
+                p = torch.exp(logp, out=ws.get(2, e - s))
+                coef = logp.add_(ent[s:e, None]).mul_(-g_ent[s:e, None])
+                if g_lp is not None:
+                    coef.sub_(g_lp[s:e, None])
+                dz = coef.mul_(p)
+                del p
+            else:
+                dz = logp.exp_().mul_(-g_lp[s:e, None])
+            if g_lp is not None:
+                dz.scatter_add_(1, y[s:e, None], g_lp[s:e, None])
+            if t is not None:
+                # d/dz [c * tanh(z / c)] = 1 - tanh(z / c)^2
+                dz.mul_(t.square_().neg_().add_(1.0))
+            del t
+            if need_gh:
+                torch.mm(dz, wc, out=gh[s:e])
+            if need_gw:
+                if gw is None:
+                    gw = torch.mm(dz.t(), h_c)
+                else:
+                    gw.addmm_(dz.t(), h_c)
+            del dz, z, logp
+        del wc, hc, ws
+        if need_gw and gw is None:
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        gh = gh.to(h.dtype) if gh is not None else None
+        gw = gw.to(weight.dtype) if gw is not None else None
+        return gh, gw, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- #
+# public API
+# --------------------------------------------------------------------------- #
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    softcap: Optional[float] = None,
+    chunk_size: int = 1024,
+    reduction: str = "sum",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Cross-entropy of ``softcap(hidden @ weight.T)`` against ``labels`` without
+    materialising the ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[N, H]`` (or ``[..., H]``) final hidden states, any float dtype.
+        weight: ``[V, H]`` LM-head / tied embedding matrix.
+        labels: ``[N]`` (or the leading shape of ``hidden``) target ids;
+            ``ignore_index`` entries contribute 0 and get no gradient.
+        softcap: final logit soft-cap ``c`` (``z -> c * tanh(z / c)``) or None.
+        chunk_size: rows of ``hidden`` processed at a time; peak extra memory is
+            about ``chunk_size * V * 4`` bytes times 1 (no soft-cap) or 2, plus
+            the ``[V, H]`` weight gradient.
+        reduction: ``"sum"`` (fp32 sum over valid tokens), ``"mean"`` (divided
+            by the number of valid tokens here) or ``"none"`` (fp32 per-token).
+        ignore_index: label value to ignore.
+
+    Returns:
+        fp32 scalar (``"sum"``/``"mean"``) or fp32 tensor shaped like ``labels``.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    chunk_size = _check_chunk(chunk_size)
+    if softcap is not None:
+        softcap = float(softcap)
+        if softcap <= 0:
+            raise ValueError(f"softcap must be positive, got {softcap}")
+    h, y = _flatten_inputs(hidden, weight, labels, "labels")
+    vocab = weight.shape[0]
+
+    valid = y != ignore_index
+    n_valid = int(valid.sum())
+    if n_valid == y.numel():
+        idx = None
+        h_v, y_v = h, y
+    else:
+        idx = valid.nonzero().squeeze(1)
+        h_v, y_v = h.index_select(0, idx), y.index_select(0, idx)  # differentiable wrt h
+    _check_range(y_v, vocab, "labels")
+
+    if reduction == "none":
+        lp = _ChunkedLogProbs.apply(h_v, weight, y_v, softcap, 1.0, chunk_size, False)
+        tok = -lp
+        if idx is not None:
+            tok = torch.zeros(y.shape[0], dtype=torch.float32, device=y.device).index_copy(0, idx, tok)
+        return tok.view(labels.shape)
+
+    grad_on = torch.is_grad_enabled()
+    need_gh = grad_on and hidden.requires_grad
+    need_gw = grad_on and weight.requires_grad
+    total = _FusedCrossEntropy.apply(h_v, weight, y_v, softcap, chunk_size, need_gh, need_gw)
+    if reduction == "mean":
+        # nan when nothing is valid, like F.cross_entropy (whose gradients are then 0)
+        total = total / n_valid if n_valid > 0 else total * 0.0 + float("nan")
+    return total
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    return_entropy: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """``log_softmax(softcap(hidden @ weight.T) / temperature)[targets]`` in fp32,
+    chunked over tokens, differentiable wrt ``hidden`` and ``weight``.
+
+    Temperature is applied after soft-capping (as in HF/verl sampling).  With
+    ``return_entropy`` also returns the entropy of the same distribution
+    (``-sum p log p``), also differentiable.  ``targets`` must all be valid ids
+    in ``[0, V)`` (mask padding yourself, e.g. replace it by 0 and ignore the
+    output).  Outputs have the shape of ``targets``.
+    """
+    chunk_size = _check_chunk(chunk_size)
+    temperature = float(temperature)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if softcap is not None:
+        softcap = float(softcap)
+        if softcap <= 0:
+            raise ValueError(f"softcap must be positive, got {softcap}")
+    h, y = _flatten_inputs(hidden, weight, targets, "targets")
+    _check_range(y, weight.shape[0], "targets")
+    out = _ChunkedLogProbs.apply(h, weight, y, softcap, temperature, chunk_size, bool(return_entropy))
+    if return_entropy:
+        lp, ent = out
+        return lp.view(targets.shape), ent.view(targets.shape)
+    return out.view(targets.shape)
+
+
+# --------------------------------------------------------------------------- #
+# naive references (materialise [N, V])
+# --------------------------------------------------------------------------- #
+def _naive_logits(hidden, weight, softcap):
+    h = hidden.reshape(-1, hidden.shape[-1])
+    logits = h.float() @ weight.float().t()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def naive_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    softcap: Optional[float] = None,
+    reduction: str = "sum",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Reference: full fp32 logits, then ``F.cross_entropy``."""
+    logits = _naive_logits(hidden, weight, softcap)
+    out = F.cross_entropy(logits, labels.reshape(-1).long(), reduction=reduction, ignore_index=ignore_index)
+    return out.view(labels.shape) if reduction == "none" else out
+
+
+def naive_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
+    """Reference: full fp32 logits, soft-cap, ``/ temperature``, ``log_softmax``."""
+    logits = _naive_logits(hidden, weight, softcap) / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    lp = logp_all.gather(1, targets.reshape(-1, 1).long()).squeeze(1).view(targets.shape)
+    if not return_entropy:
+        return lp
+    ent = -(logp_all.exp() * logp_all).sum(-1).view(targets.shape)
+    return lp, ent
