@@ -64,13 +64,17 @@ def worker(which: str, seq: int, steps: int, threads: int) -> dict:
         from gemmaforge.train import param_groups
 
         model = gemmaforge.from_pretrained("gemma-3-270m").train()
+        if which == "gemmaforge-lora":
+            from gemmaforge.transforms.lora import LoraConfig, apply_lora
+
+            apply_lora(model, LoraConfig(rank=16))  # all seven projections of every layer
         opt = torch.optim.AdamW(param_groups(model, 0.0, False), lr=1e-5, fused=True)
         cu = torch.tensor([0, seq], dtype=torch.int32)
         labels = torch.cat([ids[0, 1:], torch.tensor([-100])])
 
         def step():
             h = model(ids, cu_seqlens=cu, return_hidden=True)[0]
-            loss = chunked_cross_entropy(h, model.head_weight(), labels, reduction="mean", chunk_size=128)
+            loss = chunked_cross_entropy(h, model.head_weight(), labels, reduction="mean", chunk_size=256)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -97,12 +101,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--worker", default=None)
     ap.add_argument("--only", default=None, help="run one side only: gemmaforge or transformers")
+    ap.add_argument("--lora", action="store_true", help="also LoRA rank 16 (all seven projections) vs full fine-tune")
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker, a.seq, a.steps, a.threads)))
         return
     res = {}
-    for which in ([a.only] if a.only else ["gemmaforge", "transformers"]):
+    sides = [a.only] if a.only else ["gemmaforge", "transformers"] + (["gemmaforge-lora"] if a.lora else [])
+    for which in sides:
         out = subprocess.run([sys.executable, __file__, "--worker", which, "--seq", str(a.seq), "--steps",
                               str(a.steps), "--threads", str(a.threads)], capture_output=True, text=True)
         if out.returncode:
@@ -113,7 +119,11 @@ def main() -> None:
         tps = a.seq / r["step_s"]
         print(f"{k:13s} step {r['step_s']:6.2f}s  {tps:6.1f} tokens/s  peak RSS {r['peak_rss'] / 2**30:5.2f} GiB  "
               f"first loss {r['first_loss']:.4f}  ({r['flops'] / r['step_s'] / 1e9:.0f} GFLOP/s achieved)")
-    if len(res) == 2:
+    if "gemmaforge-lora" in res and "gemmaforge" in res:
+        lo, g = res["gemmaforge-lora"], res["gemmaforge"]
+        print(f"LoRA r16 vs full fine-tune: speed {g['step_s'] / lo['step_s']:.2f}x (goal >= 1.2x), memory "
+              f"{lo['peak_rss'] / g['peak_rss']:.2f}x (goal <= 0.5x)")
+    if "gemmaforge" in res and "transformers" in res:
         g, t = res["gemmaforge"], res["transformers"]
         print(f"speed ratio {t['step_s'] / g['step_s']:.2f}x (goal >= 1.4x); memory ratio "
               f"{g['peak_rss'] / t['peak_rss']:.2f}x (goal <= 0.7x)")
