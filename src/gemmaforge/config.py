@@ -415,3 +415,5 @@ PRESETS["mistral-7b-v0.1"] = (MistralConfig, dict(sliding_window=4096, rope_thet
 PRESETS["mistral-tiny"] = (MistralConfig, dict(
     vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
     num_key_value_heads=2, head_dim=24, sliding_window=None, max_position_embeddings=1024, rope_theta=10_000.0))
+
+from . import config_gemma4  # noqa: E402,F401  (registers gemma4_text / gemma4 and the gemma-4-* presets)

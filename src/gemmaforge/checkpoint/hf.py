@@ -119,8 +119,12 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str, d
         emb = sd.get("model.embed_tokens.weight")
         if emb is not None and (head.shape != emb.shape or not torch.equal(head, emb)):
             raise CheckpointError(f"{where}: lm_head.weight differs from model.embed_tokens.weight but the config ties them")
+    ignored = getattr(model, "ignored_checkpoint_keys", None)
+    if ignored is not None:  # e.g. k/v weights some exports keep for Gemma 4 KV-sharing layers
+        for k in ignored(set(sd)):
+            del sd[k]
     want = {k for k in expected if not (tied and k == "lm_head.weight")}
-    buffers = {k for k, _ in model.named_buffers()}
+    buffers = {k for k, _ in model.named_buffers()} - set(expected)  # only non-persistent buffers are skipped
     want -= buffers
     missing = sorted(want - sd.keys())
     unexpected = sorted(sd.keys() - want - buffers)
@@ -147,9 +151,10 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str, d
 def export_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """HF-named tensors, contiguous, the tied head dropped (HF re-ties it on load)."""
     tied = getattr(model.config, "tie_word_embeddings", False)
-    buffers = {k for k, _ in model.named_buffers()}
+    state = model.state_dict()
+    buffers = {k for k, _ in model.named_buffers()} - set(state)
     out = {}
-    for k, v in model.state_dict().items():
+    for k, v in state.items():
         if (tied and k == "lm_head.weight") or k in buffers:
             continue
         out[k] = v.detach().contiguous()

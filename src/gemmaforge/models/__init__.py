@@ -27,3 +27,5 @@ def build_model(cfg, *, dtype: torch.dtype = torch.float32, device="cpu", init: 
     else:
         model.to(dtype=dtype)
     return model
+
+from . import gemma4  # noqa: E402,F401  (registers Gemma4Config -> Gemma4ForCausalLM)

@@ -1,0 +1,373 @@
+"""Gemma 4 text decoder (``Gemma4ForCausalLM`` / the text part of ``Gemma4ForConditionalGeneration``).
+
+Numerics that matter (see shared/reference/gemma-architecture.md, Gemma 4 section):
+- every norm is ``rms(x) * w`` in fp32 (identity = 1, NOT Gemma 3's 1+w); V gets a norm without
+  weight; attention scale is 1.0 (q_norm/k_norm carry the scale);
+- per-layer shapes: full layers have ``global_head_dim`` and, with ``attention_k_eq_v``, no
+  ``v_proj`` (V = v_norm(raw k_proj(x)), taken before k_norm and RoPE) and
+  ``num_global_key_value_heads``; their RoPE is "proportional" (only the first quarter of the
+  frequencies rotate, exponents over the full head_dim);
+- KV sharing: the last non-shared layer of each type stores its post-RoPE K and normed V (after
+  the KV cache update, with the keys' document ids and stream indices) on the per-forward state;
+  the last ``num_kv_shared_layers`` layers read them and own no k/v projections. The store lives on
+  ``ctx.shared["gemma4"]``, an object FSDP2's input casting passes through by reference;
+- per-layer embeddings (PLE): ``(norm(proj(embeds) * hidden^-0.5) + embed_per_layer(ids) * sqrt(P)) * 2^-0.5``,
+  added after the MLP of every layer through a gated projection; then ``h *= layer_scalar``;
+- final logits ``tanh(z / 30) * 30``.
+
+Multimodal masks: ``mm_groups`` [B, S] (-1 = text, g >= 0 = the tokens of one image) lets the
+tokens of one image see each other bidirectionally on sliding layers (full layers stay causal,
+as in the reference), within their own document.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import SLIDING
+from ..config_gemma4 import SHARE_REUSE, SHARE_STORE, Gemma4Config
+from ..errors import InputError
+from ..layers.attention import AttnCall, MaskMod, and_masks, attention, causal_mask, document_mask, or_masks
+from ..layers.attention import sliding_window_mask
+from ..layers.mlp import ACTIVATIONS, GatedMLP
+from ..layers.moe import Gemma4Experts, Gemma4Router
+from ..layers.norm import RMSNorm
+from ..layers.rope import apply_rope
+from .base import CausalLM, ForwardContext, attn_output
+from .gemma3 import ScaledEmbedding
+
+STATE = "gemma4"
+
+
+class Gemma4State:
+    """Per-forward state of one Gemma 4 forward, shared by its layers (``ctx.shared["gemma4"]``).
+
+    A plain object on purpose: FSDP2 (and anything else that maps over a layer's inputs) copies
+    dicts, lists and dataclasses it finds in the arguments, but passes other objects through by
+    reference, so a store layer's write here is seen by every later layer.
+    """
+
+    def __init__(self, ids=None, per_layer_tokens=None, groups=None):
+        self.ids = ids  # [B, S] token ids of this forward (for the PLE lookup), or None
+        self.per_layer_tokens = per_layer_tokens  # given token part of PLE [B, S, L, P], or None
+        self.groups = groups  # [B, S] multimodal group ids (-1 = text), or None
+        self.ple: torch.Tensor | None = None  # [B, S, L, P] combined per-layer inputs
+        self.kv: dict[str, tuple] = {}  # layer type -> (k, v, k_doc, k_idx) of its store layer
+
+
+# ----------------------------------------------------------------------------- multimodal masks
+
+def same_group_mask(q_group: torch.Tensor, k_group: torch.Tensor) -> MaskMod:
+    """Query and key belong to the same image (group id >= 0; -1 marks text)."""
+    return lambda b, h, q, kv: (q_group[b, q] == k_group[b, kv]) & (q_group[b, q] >= 0)
+
+
+def bidirectional_group_mask(q_idx, k_idx, q_doc, k_doc, q_group, k_group, window: int | None,
+                             single_doc: bool = False) -> MaskMod:
+    """``doc AND (causal OR same_group) AND window``: the tokens of one image attend to each other in
+    both directions, text stays causal, nobody crosses a document. The window is the one-sided
+    ``q - k < w`` of the causal case (later tokens of the same image stay visible), as in the
+    reference's ``sliding_window_overlay``. Gemma 3 uses the same function on every layer."""
+    mods = [or_masks(causal_mask(q_idx, k_idx), same_group_mask(q_group, k_group))]
+    if not single_doc:
+        mods.append(document_mask(q_doc, k_doc))
+    if window is not None:
+        mods.append(sliding_window_mask(q_idx, k_idx, window))
+    return and_masks(*mods)
+
+
+def group_ids_from_token_types(mm_token_type_ids: torch.Tensor) -> torch.Tensor:
+    """Reference convention: every maximal run of vision tokens (type 1 or 2) is one group."""
+    is_vision = (mm_token_type_ids == 1) | (mm_token_type_ids == 2)
+    prev = torch.roll(is_vision, shifts=1, dims=-1)
+    prev[..., 0] = False
+    starts = is_vision & ~prev
+    ids = torch.cumsum(starts.int(), dim=-1) - 1
+    return torch.where(is_vision, ids, -1)
+
+
+@dataclass
+class GroupAttnCall(AttnCall):
+    """An AttnCall whose mask also lets same-group (image) tokens attend bidirectionally."""
+
+    q_group: torch.Tensor | None = None  # [B, S]
+    k_group: torch.Tensor | None = None  # [B, Sk]
+
+    def mask_mod(self) -> MaskMod:
+        return bidirectional_group_mask(self.info.idx, self.k_idx, self.info.doc, self.k_doc, self.q_group,
+                                        self.k_group, self.window, self.info.single_doc)
+
+    def needs_mask(self, sq: int, sk: int) -> bool:
+        return True
+
+
+def _group_attention(q, k, v, call: GroupAttnCall, backend: str):
+    """Backends whose fast paths assume causality get the explicit mask (SDPA with a dense mask)."""
+    if backend in ("eager", "flex"):
+        return attention(q, k, v, call, backend)[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=call.dense_mask(q.shape[0]), scale=call.scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+# ----------------------------------------------------------------------------- layers
+
+class Gemma4Attention(nn.Module):
+    def __init__(self, cfg: Gemma4Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = i = layer_idx
+        self.layer_type = cfg.layer_types[i]
+        self.head_dim = d = cfg.layer_head_dim(i)
+        self.window = cfg.window_for(self.layer_type)
+        self.scale = 1.0  # q_norm / k_norm carry the scale
+        self.sharing = cfg.kv_sharing_modes[i]
+        self.bidirectional = cfg.use_bidirectional_attention == "vision" and self.layer_type == SLIDING
+        h, eps, kv = cfg.hidden_size, cfg.rms_norm_eps, cfg.kv_heads(i)
+        self.q_proj = nn.Linear(h, cfg.num_attention_heads * d, bias=False)
+        self.q_norm = RMSNorm(d, eps)
+        if self.sharing != SHARE_REUSE:  # reuse layers read the store layer's K/V: no k/v weights
+            self.k_proj = nn.Linear(h, kv * d, bias=False)
+            self.v_proj = None if cfg.k_eq_v(i) else nn.Linear(h, kv * d, bias=False)
+            self.k_norm = RMSNorm(d, eps)
+            self.v_norm = RMSNorm(d, eps, with_scale=False)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, S, _ = x.shape
+        i, hk, d = self.layer_idx, ctx.hook, self.head_dim
+        state: Gemma4State = ctx.shared[STATE]
+        cos, sin = ctx.rope[self.layer_type]
+        # -1 heads: tensor parallelism shards the projections without touching this code
+        q = self.q_norm(self.q_proj(x).view(B, S, -1, d)).transpose(1, 2)  # (B, H, S, D)
+        q = hk(i, "attn.hook_q", q, "bhsd")
+        q = hk(i, "attn.hook_rot_q", apply_rope(q, cos, sin), "bhsd")
+        if self.sharing == SHARE_REUSE:
+            k, v, k_doc, k_idx = state.kv[self.layer_type]
+        else:
+            k_raw = self.k_proj(x).view(B, S, -1, d)  # (B, S, Hkv, D)
+            v = k_raw if self.v_proj is None else self.v_proj(x).view(B, S, -1, d)  # K=V: raw k_proj output
+            k = hk(i, "attn.hook_k", self.k_norm(k_raw).transpose(1, 2), "bhsd")  # (B, Hkv, S, D)
+            v = hk(i, "attn.hook_v", self.v_norm(v).transpose(1, 2), "bhsd")
+            k = hk(i, "attn.hook_rot_k", apply_rope(k, cos, sin), "bhsd")
+            k_doc, k_idx = ctx.info.doc, ctx.info.idx
+            if ctx.cache is not None:
+                k, v, k_doc, k_idx = ctx.cache.update(i, k, v, k_doc, k_idx)
+            if self.sharing == SHARE_STORE:
+                state.kv[self.layer_type] = (k, v, k_doc, k_idx)
+        groups = state.groups if self.bidirectional else None
+        if groups is not None:
+            call = GroupAttnCall(ctx.info, k_doc, k_idx, self.window, self.scale, None, ctx.cache is None,
+                                 q_group=groups, k_group=groups)
+        else:
+            call = AttnCall(ctx.info, k_doc, k_idx, self.window, self.scale, None, ctx.cache is None)
+        if i in ctx.eager_layers:  # hooks read scores / pattern: the explicit reference path, this call only
+            call.tap = lambda name, t: ctx.hook(i, name, t, "bhqk")
+            out = attention(q, k, v, call, "eager")[0]
+        elif groups is not None:
+            out = _group_attention(q, k, v, call, ctx.backend)
+        else:
+            out = attention(q, k, v, call, ctx.backend)[0]
+        return attn_output(self.o_proj, out, ctx, i)
+
+
+class Gemma4DecoderLayer(nn.Module):
+    def __init__(self, cfg: Gemma4Config, layer_idx: int):
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.layer_idx = layer_idx
+        self.self_attn = Gemma4Attention(cfg, layer_idx)
+        self.mlp = GatedMLP(h, cfg.mlp_size(layer_idx), cfg.hidden_activation)  # double-wide on reuse layers
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))  # persistent: checkpoints carry it
+        self.moe = cfg.enable_moe_block
+        if self.moe:
+            self.router = Gemma4Router(h, cfg.num_experts, cfg.top_k_experts, eps)
+            self.experts = Gemma4Experts(cfg.num_experts, h, cfg.moe_intermediate_size, cfg.hidden_activation)
+            self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.ple = cfg.hidden_size_per_layer_input
+        if self.ple:
+            self.act = ACTIVATIONS[cfg.hidden_activation]
+            self.per_layer_input_gate = nn.Linear(h, self.ple, bias=False)
+            self.per_layer_projection = nn.Linear(self.ple, h, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(h, eps)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        # hook sites carry TransformerLens names; with no hooks each is one cheap call returning its input
+        i, hk = self.layer_idx, ctx.hook
+        h = hk(i, "hook_resid_pre", h)
+        a = self.self_attn(hk(i, "ln1.hook_normalized", self.input_layernorm(hk(i, "hook_attn_in", h))), ctx)
+        a = hk(i, "ln1_post.hook_normalized", self.post_attention_layernorm(hk(i, "hook_attn_out", a)))
+        h = hk(i, "hook_resid_mid", h + a)
+        m = self.mlp(hk(i, "ln2.hook_normalized", self.pre_feedforward_layernorm(h)), ctx.mlp_hook(i))
+        if self.moe:
+            # dense MLP and experts side by side; the router and the experts read the residual h
+            flat = h.reshape(-1, h.shape[-1])  # (B*S, hidden)
+            _, weights, index = self.router(flat)
+            e = self.experts(self.pre_feedforward_layernorm_2(flat), index, weights).reshape(h.shape)
+            m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(e)
+        m = hk(i, "ln2_post.hook_normalized", self.post_feedforward_layernorm(hk(i, "hook_mlp_out", m)))
+        h = h + m
+        if self.ple:
+            p = ctx.shared[STATE].ple[:, :, i, :]  # (B, S, P)
+            g = self.act(self.per_layer_input_gate(h)) * p
+            h = h + self.post_per_layer_input_norm(self.per_layer_projection(g))
+        h = h * self.layer_scalar
+        return hk(i, "hook_resid_post", h)
+
+
+class Gemma4Model(nn.Module):
+    def __init__(self, cfg: Gemma4Config):
+        super().__init__()
+        self.embed_tokens = ScaledEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.pad_token_id, cfg.embed_scale)
+        # ModuleDict keyed by str(i): parameter names survive pipeline splits
+        self.layers = nn.ModuleDict({str(i): Gemma4DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        P, L = cfg.hidden_size_per_layer_input, cfg.num_hidden_layers
+        if P:
+            self.embed_tokens_per_layer = ScaledEmbedding(cfg.vocab_size_per_layer_input, L * P, cfg.pad_token_id,
+                                                          math.sqrt(P))
+            self.per_layer_model_projection = nn.Linear(cfg.hidden_size, L * P, bias=False)
+            self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
+
+
+class Gemma4ForCausalLM(CausalLM):
+    def __init__(self, cfg: Gemma4Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Gemma4Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight  # tied to the UNSCALED embedding
+        self.attn_backend = None
+        self._pending: Gemma4State | None = None  # inputs of the forward in flight (PLE ids, groups)
+
+    # ---- inputs ----
+    def forward(self, input_ids: torch.Tensor | None = None, *, per_layer_inputs: torch.Tensor | None = None,
+                mm_groups: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """``CausalLM.forward`` plus Gemma 4 inputs.
+
+        ``per_layer_inputs``: the token part of PLE ``[B, S, L, P]`` (needed with ``inputs_embeds``
+        unless those are exact rows of the scaled embedding, which are then looked up).
+        ``mm_groups``: ``[B, S]`` (or ``[T]`` packed) group id of every token, -1 for text and one
+        id per image; see ``group_ids_from_token_types``.
+        """
+        self._pending = Gemma4State(per_layer_tokens=per_layer_inputs, groups=mm_groups)
+        try:
+            return super().forward(input_ids, **kwargs)
+        finally:
+            self._pending = None
+
+    def _llm_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mm = self.config.mm_token_ids
+        if not mm:
+            return input_ids
+        # multimodal checkpoints embed image/video/audio placeholders as the pad token (reference)
+        is_mm = torch.isin(input_ids, torch.tensor(mm, device=input_ids.device))
+        return torch.where(is_mm, self.config.pad_token_id, input_ids)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = self._llm_ids(input_ids)
+        if self._pending is not None:
+            self._pending.ids = ids
+        return self.model.embed_tokens(ids)
+
+    def make_context(self, B, S, device, dtype, **kwargs) -> ForwardContext:
+        ctx = super().make_context(B, S, device, dtype, **kwargs)
+        state = self._pending if self._pending is not None else Gemma4State()
+        if state.ids is not None and tuple(state.ids.shape) != (B, S):
+            state.ids = None
+        if state.groups is not None:
+            g = state.groups.to(device)
+            if g.numel() != B * S:
+                raise InputError(f"mm_groups must have {B * S} entries (one per token); got shape {tuple(g.shape)}")
+            g = g.reshape(B, S).long()
+            if ctx.cache is not None and ctx.cache.seen and bool((g >= 0).any()):
+                raise InputError("image tokens (mm_groups >= 0) must come in the first call with a KV cache")
+            state.groups = g if bool((g >= 0).any()) else None
+        if state.per_layer_tokens is not None:
+            P, L = self.config.hidden_size_per_layer_input, self.config.num_hidden_layers
+            if not P:
+                raise InputError("per_layer_inputs given but this model has no per-layer embeddings")
+            if state.per_layer_tokens.numel() != B * S * L * P:
+                raise InputError(f"per_layer_inputs must be [B, S, {L}, {P}] with B*S = {B * S}; got shape "
+                                 f"{tuple(state.per_layer_tokens.shape)}")
+            state.per_layer_tokens = state.per_layer_tokens.reshape(B, S, L, P)
+        ctx.shared[STATE] = state
+        return ctx
+
+    def _per_layer_tokens(self, state: Gemma4State, h: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        B, S = h.shape[:2]
+        if state.per_layer_tokens is not None:
+            return state.per_layer_tokens.to(h.dtype)
+        ids = state.ids
+        if ids is None:
+            # only embeddings were given: find their ids as the reference does (exact rows of the scaled table)
+            with torch.no_grad():
+                table = self.model.embed_tokens.weight * cfg.hidden_size ** 0.5
+                match = (h[:, :, None, :] == table[None, None]).all(-1)  # (B, S, V)
+                found = match.any(-1)
+                if not bool(found.all()):
+                    raise InputError("inputs_embeds are not exact rows of the scaled embedding, so the per-layer "
+                                     "embeddings cannot be looked up; pass per_layer_inputs as well")
+                ids = match.float().argmax(-1)
+        return self.model.embed_tokens_per_layer(ids).reshape(B, S, cfg.num_hidden_layers,
+                                                              cfg.hidden_size_per_layer_input)
+
+    def run_layers(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        cfg = self.config
+        state: Gemma4State = ctx.shared[STATE]
+        if cfg.hidden_size_per_layer_input:
+            B, S = h.shape[:2]
+            L, P = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+            ctx_part = self.model.per_layer_model_projection(h) * cfg.hidden_size ** -0.5
+            ctx_part = self.model.per_layer_projection_norm(ctx_part.reshape(B, S, L, P))  # (B, S, L, P)
+            state.ple = (ctx_part + self._per_layer_tokens(state, h)) * 2.0 ** -0.5
+        return super().run_layers(h, ctx)
+
+    # ---- family pieces ----
+    def rope_specs(self) -> dict:
+        used = set(self.config.layer_types)
+        return {t: (spec, self.config.head_dim_for(t)) for t, spec in self.config.rope.items() if t in used}
+
+    def ignored_checkpoint_keys(self, keys) -> set[str]:
+        """Checkpoint tensors that belong to no parameter here: the k/v projections and norms some
+        exports keep for KV-sharing layers (the reference ignores them on load too)."""
+        out = set()
+        for i, mode in enumerate(self.config.kv_sharing_modes):
+            if mode == SHARE_REUSE:
+                pre = f"model.layers.{i}.self_attn."
+                out |= {k for k in keys if k.startswith(pre) and k[len(pre):].split(".")[0] in
+                        ("k_proj", "v_proj", "k_norm", "v_norm")}
+        return out
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init as the reference does: normal(0, std) matrices and embeddings, ones for norms,
+        router scales and layer scalars."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if p.dim() == 1:  # norms, router.scale, router.per_expert_scale
+                    nn.init.ones_(p)
+                else:
+                    nn.init.normal_(p, 0.0, std, generator=generator)
+            for name, b in self.named_buffers():
+                if name.endswith("layer_scalar"):
+                    b.fill_(1.0)
+
+
+def _register():
+    from . import register_model
+
+    register_model(Gemma4Config, Gemma4ForCausalLM)
+
+
+_register()
