@@ -11,5 +11,6 @@ __version__ = "0.1.0"
 from .api import from_config, from_pretrained, load_tokenizer  # noqa: E402
 from .config import preset  # noqa: E402
 from .generate import generate  # noqa: E402
+from .score import score  # noqa: E402
 
-__all__ = ["from_pretrained", "from_config", "load_tokenizer", "generate", "preset"]
+__all__ = ["from_pretrained", "from_config", "load_tokenizer", "generate", "preset", "score"]

@@ -168,13 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    for register in _EXTRA_COMMANDS:
+    for register in _extra_commands():
         register(sub)
     return p
 
 
-# other modules (train, score, inspect, lora) add their subcommands here
-_EXTRA_COMMANDS: list = []
+def _extra_commands():
+    """Subcommands that live next to their feature (each module has ``register(subparsers)``)."""
+    from . import inspect_cli, score_cli
+
+    return [inspect_cli.register, score_cli.register]
 
 
 def main(argv: list[str] | None = None) -> int:

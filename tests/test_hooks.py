@@ -1,0 +1,331 @@
+"""Hook points (transforms/hooks.py): values against transformers, RoPE, replacement, ablation, masks, errors."""
+
+import pytest
+import torch
+from conftest import hf_model_like
+
+from gemmaforge import from_config
+from gemmaforge.config import FULL, SLIDING, preset
+from gemmaforge.layers.rope import rope_table
+from gemmaforge.transforms.hooks import ActivationCache, act_name, hook_names
+
+S = 20  # longer than the tiny sliding window (8): sliding and full layers see different keys
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = from_config(preset("gemma-3-tiny"))
+    for p in model.parameters():  # non-zero norm weights so every (1 + w) matters
+        if p.dim() == 1:
+            torch.nn.init.normal_(p, 0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 512, (2, S), generator=torch.Generator().manual_seed(1))
+
+
+def _check_against_transformers(model, hf, ids, atol):
+    """resid_post / ln_final / pattern / logits of ours vs transformers (eager attention)."""
+    L = model.config.num_hidden_layers
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(ids)
+        ref = hf(ids, use_cache=False, output_hidden_states=True, output_attentions=True)
+    assert len(ref.hidden_states) == L + 1 and len(ref.attentions) == L
+    torch.testing.assert_close(cache["embed"], ref.hidden_states[0], atol=atol, rtol=1e-5)
+    for i in range(L - 1):
+        torch.testing.assert_close(cache["resid_post", i], ref.hidden_states[i + 1], atol=atol, rtol=1e-5,
+                                   msg=lambda m, i=i: f"resid_post {i}: {m}")
+    # transformers' last hidden state is after the final norm
+    torch.testing.assert_close(cache["ln_final"], ref.hidden_states[-1], atol=atol, rtol=1e-5)
+    for i in range(L):
+        torch.testing.assert_close(cache["pattern", i], ref.attentions[i], atol=1e-5, rtol=0,
+                                   msg=lambda m, i=i: f"pattern {i} ({model.config.layer_types[i]}): {m}")
+    return logits, ref.logits, cache
+
+
+def _window_is_real(model, cache, q):
+    """At query q beyond the window, sliding layers put zero weight on key 0, full layers do not."""
+    w = model.config.sliding_window
+    assert q >= w
+    for i, t in enumerate(model.config.layer_types):
+        p = cache["pattern", i][..., q, :]
+        if t == SLIDING:
+            assert (p[..., : q - w + 1] == 0).all(), i
+            assert (p[..., q - w + 1: q + 1] > 0).all(), i
+        else:
+            assert (p[..., : q + 1] > 0).all(), i
+        assert (p[..., q + 1:] == 0).all()
+
+
+def test_cache_matches_transformers_tiny(tiny, ids):
+    hf = hf_model_like(tiny)
+    logits, ref_logits, cache = _check_against_transformers(tiny, hf, ids, atol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert set(tiny.config.layer_types) == {SLIDING, FULL}
+    _window_is_real(tiny, cache, S - 1)
+
+
+def test_cache_does_not_change_logits_and_covers_every_hook_point(tiny, ids):
+    with torch.no_grad():
+        plain = tiny(ids)
+        logits, cache = tiny.run_with_cache(ids)
+    torch.testing.assert_close(logits, plain, atol=1e-6, rtol=0)  # pattern hooks switch to eager
+    assert set(cache) == set(hook_names(tiny))
+    assert isinstance(cache, ActivationCache)
+    assert cache["resid_post", 2] is cache["blocks.2.hook_resid_post"]
+    torch.testing.assert_close(cache["logits"], logits)
+    assert cache.stack("resid_post").shape == (4, 2, S, 64)
+
+
+def test_shapes(tiny, ids):
+    B = ids.shape[0]
+    H, Hkv, D, d = 4, 2, 32, 64
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(ids, include_opt_in=True)
+    want = {
+        "attn.hook_q": (B, S, H, D), "attn.hook_k": (B, S, Hkv, D), "attn.hook_v": (B, S, Hkv, D),
+        "attn.hook_rot_q": (B, S, H, D), "attn.hook_rot_k": (B, S, Hkv, D), "attn.hook_z": (B, S, H, D),
+        "attn.hook_attn_scores": (B, H, S, S), "attn.hook_pattern": (B, H, S, S),
+        "attn.hook_result": (B, S, H, d), "hook_resid_pre": (B, S, d), "hook_resid_mid": (B, S, d),
+        "hook_resid_post": (B, S, d), "hook_attn_out": (B, S, d), "hook_mlp_out": (B, S, d),
+        "mlp.hook_pre": (B, S, 128), "mlp.hook_pre_linear": (B, S, 128), "mlp.hook_post": (B, S, 128),
+        "ln1.hook_normalized": (B, S, d), "ln2.hook_normalized": (B, S, d),
+        "ln1_post.hook_normalized": (B, S, d), "ln2_post.hook_normalized": (B, S, d),
+    }
+    for i in range(4):
+        for n, shape in want.items():
+            assert tuple(cache[f"blocks.{i}.{n}"].shape) == shape, (i, n)
+        # the opt-in per-head outputs sum to o_proj's output (what the post-attention norm reads; compared after
+        # that norm, whose output is what reaches the residual whichever side of it hook_attn_out sits)
+        post = tiny.model.layers[str(i)].post_attention_layernorm
+        torch.testing.assert_close(post(cache["result", i].sum(2)), cache["ln1_post", i], atol=1e-5, rtol=0)
+        # rows of the pattern sum to 1
+        torch.testing.assert_close(cache["pattern", i].sum(-1), torch.ones(B, H, S), atol=1e-5, rtol=0)
+        # z is the pattern applied to v (kv head h // 2 for query head h)
+        v = cache["v", i].repeat_interleave(H // Hkv, dim=2)
+        z = torch.einsum("bhqk,bkhd->bqhd", cache["pattern", i], v)
+        torch.testing.assert_close(cache["z", i], z, atol=1e-5, rtol=0)
+    assert tuple(cache["embed"].shape) == (B, S, d)
+    assert tuple(cache["ln_final"].shape) == (B, S, d)
+
+
+def _rope(x, cos, sin):
+    """Independent RoPE: x [B, S, H, D], cos/sin [B, S, D]; rotate_half written out."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, :, None] + rot * sin[:, :, None]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_rot_q_k_are_rope_of_q_k_with_the_layer_types_own_table(tiny, ids, packed):
+    cfg = tiny.config
+    if packed:
+        x, cu = ids[0], torch.tensor([0, 7, 15, S])
+        positions = torch.cat([torch.arange(7), torch.arange(8), torch.arange(5)])[None]
+        kwargs = dict(cu_seqlens=cu)
+    else:
+        x, kwargs = ids, {}
+        positions = torch.arange(S)[None].expand(ids.shape[0], S)
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(x, **kwargs)
+    tables = {t: rope_table(spec, cfg.head_dim, positions, torch.float32) for t, spec in cfg.rope.items()}
+    assert cfg.rope[SLIDING] != cfg.rope[FULL]
+    for i, t in enumerate(cfg.layer_types):
+        other = FULL if t == SLIDING else SLIDING
+        for n in ("q", "k"):
+            x_, rot = cache[n, i], cache[f"rot_{n}", i]
+            torch.testing.assert_close(rot, _rope(x_, *tables[t]), atol=1e-5, rtol=0,
+                                       msg=lambda m, i=i, n=n: f"layer {i} rot_{n}: {m}")
+            # the other type's table gives something else: each layer really uses its own
+            assert (rot - _rope(x_, *tables[other])).abs().max() > 1e-2, (i, n)
+
+
+def test_replacing_resid_post_reproduces_the_other_prompts_logits(tiny):
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randint(0, 512, (1, S), generator=g), torch.randint(0, 512, (1, S), generator=g)
+    with torch.no_grad():
+        logits_b, cache_b = tiny.run_with_cache(b, names_filter=lambda n: n.endswith("hook_resid_post"))
+        logits_a = tiny(a)
+        assert (logits_a - logits_b).abs().max() > 1e-2
+        for i in range(4):
+            name = act_name("resid_post", i)
+            out = tiny.run_with_hooks(a, fwd_hooks=[(name, lambda t, hook: cache_b[hook.name])])
+            torch.testing.assert_close(out, logits_b, atol=1e-6, rtol=0, msg=lambda m, i=i: f"layer {i}: {m}")
+
+
+def test_zero_ablating_one_head_z(tiny, ids):
+    layer, head = 2, 1
+    lay = tiny.model.layers[str(layer)]
+    D = tiny.config.head_dim
+
+    def ablate(z, hook):
+        z = z.clone()
+        z[:, :, head] = 0
+        return z
+
+    with torch.no_grad():
+        _, clean = tiny.run_with_cache(ids)
+        ablated = ActivationCache()
+        with tiny.hooks(fwd_hooks=[(act_name("z", layer), ablate)], cache=ablated):
+            logits = tiny(ids)
+        # earlier layers and everything of this layer before z are untouched
+        for n in clean:
+            i = int(n.split(".")[1]) if n.startswith("blocks.") else None
+            if n == "hook_embed" or (i is not None and i < layer) or (
+                    i == layer and n.split(".", 2)[2] in ("hook_resid_pre", "attn.hook_q", "attn.hook_k",
+                                                          "attn.hook_v", "attn.hook_pattern")):
+                torch.testing.assert_close(ablated[n], clean[n], atol=0, rtol=0, msg=n)
+        z = ablated["z", layer]
+        assert (z[:, :, head] == 0).all()
+        others = [h for h in range(4) if h != head]
+        torch.testing.assert_close(z[:, :, others], clean["z", layer][:, :, others], atol=0, rtol=0)
+        # manual: this head's slice of o_proj's input zeroed, then the rest of the block by hand
+        flat = clean["z", layer].reshape(*ids.shape, -1).clone()
+        flat[..., head * D:(head + 1) * D] = 0
+        attn_out = lay.post_attention_layernorm(lay.self_attn.o_proj(flat))
+        torch.testing.assert_close(ablated["ln1_post", layer], attn_out, atol=1e-6, rtol=0)
+        mid = clean["resid_pre", layer] + attn_out
+        post = mid + lay.post_feedforward_layernorm(lay.mlp(lay.pre_feedforward_layernorm(mid)))
+        torch.testing.assert_close(ablated["resid_post", layer], post, atol=1e-5, rtol=0)
+        assert (post - clean["resid_post", layer]).abs().max() > 1e-3  # the ablation did something
+        # and the rest of the network from that residual gives the ablated logits
+        rest = tiny.run_with_hooks(ids, fwd_hooks=[(act_name("resid_post", layer), lambda t, hook: post)])
+        torch.testing.assert_close(logits, rest, atol=1e-5, rtol=0)
+
+
+def test_packed_documents_never_attend_across(tiny, ids):
+    x, cu = ids[0], torch.tensor([0, 7, 15, S])
+    doc = torch.repeat_interleave(torch.arange(3), cu[1:] - cu[:-1])
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(x, cu_seqlens=cu)
+        _, alone = tiny.run_with_cache(x[7:15][None])  # document 1 on its own
+    cross = doc[:, None] != doc[None, :]
+    for i in range(4):
+        p = cache["pattern", i][0]  # [H, T, T]
+        assert (p[:, cross] == 0).all(), i
+        assert p[:, ~cross].sum() > 0
+        torch.testing.assert_close(p[:, 7:15, 7:15], alone["pattern", i][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(cache["resid_post", i][0, 7:15], alone["resid_post", i][0], atol=1e-5, rtol=0)
+
+
+def test_wrong_shape_unknown_name_and_hooks_are_removed(tiny, ids):
+    with torch.no_grad():
+        fresh = tiny(ids)
+        with pytest.raises(ValueError, match="blocks.1.hook_resid_post.*shape"):
+            tiny.run_with_hooks(ids, fwd_hooks=[("blocks.1.hook_resid_post", lambda t, hook: t[:, :-1])])
+        assert getattr(tiny, "_active_hooks", None) is None  # removed even after the error
+        with pytest.raises(KeyError, match="blocks.1.hook_nonsense"):
+            tiny.run_with_hooks(ids, fwd_hooks=[("blocks.1.hook_nonsense", lambda t, hook: None)])
+        with pytest.raises(KeyError, match="blocks.9.hook_resid_post"):
+            tiny.run_with_hooks(ids, fwd_hooks=[("blocks.9.hook_resid_post", lambda t, hook: None)])
+        with pytest.raises(KeyError, match="blocks.0.attn.hook_nope"):
+            tiny.run_with_cache(ids, names_filter=["blocks.0.attn.hook_nope"])
+        seen = []
+        noisy = tiny.run_with_hooks(ids, fwd_hooks=[
+            ("blocks.0.hook_resid_post", lambda t, hook: t + 1.0),
+            (lambda n: n.endswith("hook_pattern"), lambda t, hook: seen.append(hook.name)),
+        ])
+        assert (noisy - fresh).abs().max() > 1e-3
+        assert seen == [f"blocks.{i}.attn.hook_pattern" for i in range(4)]
+        assert getattr(tiny, "_active_hooks", None) is None
+        after = tiny(ids)
+    torch.testing.assert_close(after, fresh, atol=0, rtol=0)
+    assert seen == [f"blocks.{i}.attn.hook_pattern" for i in range(4)]  # nothing fired during the plain run
+
+
+# ---------------------------------------------------------------------------- the real 270M
+
+@pytest.fixture(scope="module")
+def real():
+    import gemmaforge
+
+    model = gemmaforge.from_pretrained("gemma-3-270m")
+    tok = gemmaforge.load_tokenizer("gemma-3-270m")
+    return model, tok, hf_model_like(model)
+
+
+@pytest.mark.slow
+def test_cache_matches_transformers_real_270m(real):
+    model, tok, hf = real
+    text = "The quick brown fox jumps over the lazy dog. " * 60
+    ids = torch.tensor([tok.encode(text)[:530]])  # past the 512-token window: sliding layers cut keys
+    assert ids.shape[1] == 530
+    L = model.config.num_hidden_layers
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids, names_filter=lambda n: n.endswith(("hook_resid_post", "hook_pattern",
+                                                                                   "ln_final.hook_normalized")),
+                                        return_hidden=True)
+        ref = hf.model(ids, use_cache=False, output_hidden_states=True, output_attentions=True)
+    for i in range(L - 1):
+        torch.testing.assert_close(cache["resid_post", i], ref.hidden_states[i + 1], atol=1e-4, rtol=1e-5,
+                                   msg=lambda m, i=i: f"resid_post {i}: {m}")
+    torch.testing.assert_close(cache["ln_final"], ref.hidden_states[-1], atol=1e-4, rtol=1e-5)
+    for i in range(L):
+        torch.testing.assert_close(cache["pattern", i], ref.attentions[i], atol=1e-5, rtol=0,
+                                   msg=lambda m, i=i: f"pattern {i} ({model.config.layer_types[i]}): {m}")
+    assert {SLIDING, FULL} == set(model.config.layer_types)
+    _window_is_real(model, cache, 529)
+
+
+@pytest.mark.slow
+def test_rot_q_k_real_270m(real):
+    model, tok, _ = real
+    ids = torch.tensor([tok.encode("Rotary tables differ between sliding and full layers.")])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids, names_filter=lambda n: ".attn.hook_" in n and n.endswith(("q", "k")))
+    cfg = model.config
+    pos = torch.arange(ids.shape[1])[None]
+    tables = {t: rope_table(spec, cfg.head_dim, pos, torch.float32) for t, spec in cfg.rope.items()}
+    for i, t in enumerate(cfg.layer_types):
+        other = FULL if t == SLIDING else SLIDING
+        for n in ("q", "k"):
+            torch.testing.assert_close(cache[f"rot_{n}", i], _rope(cache[n, i], *tables[t]), atol=1e-4, rtol=1e-5)
+            assert (cache[f"rot_{n}", i] - _rope(cache[n, i], *tables[other])).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------------- TransformerLens
+
+def test_against_transformer_lens_gemma3_bridge(tiny, ids, tmp_path):
+    """Same hook names, same values as TransformerLens' Gemma 3 bridge (when it is installed)."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        pytest.skip("transformer_lens is not installed (an optional, heavy dependency: pip install "
+                    "transformer_lens>=4.3 to run this comparison)")
+    hf = hf_model_like(tiny)
+    hf.config.architectures = ["Gemma3ForCausalLM"]  # the bridge picks its adapter from this
+    hf.save_pretrained(tmp_path)  # the bridge wants a name; with hf_model= it reads nothing from the Hub
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), hf_model=hf, device="cpu")
+    with torch.no_grad():
+        tl_logits, tl = bridge.run_with_cache(ids)
+        logits, ours = tiny.run_with_cache(ids)
+    torch.testing.assert_close(logits, tl_logits, atol=1e-5, rtol=0)
+    for i in range(4):
+        torch.testing.assert_close(ours["resid_post", i], tl[f"blocks.{i}.hook_resid_post"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours["pattern", i], tl[f"blocks.{i}.attn.hook_pattern"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_against_transformer_lens_gemma3_bridge_real_270m(real):
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        pytest.skip("transformer_lens is not installed (an optional, heavy dependency: pip install "
+                    "transformer_lens>=4.3 to run this comparison)")
+    from gemmaforge.checkpoint.resolve import embedded_dir
+
+    model, tok, hf = real
+    hf.config.architectures = ["Gemma3ForCausalLM"]
+    # the HF-format dir of the embedded model: the bridge loads its tokenizer from there
+    bridge = TransformerBridge.boot_transformers(str(embedded_dir()), hf_model=hf, device="cpu")
+    ids = torch.tensor([tok.encode("The capital of France is Paris, and the capital of Italy is")])
+    with torch.no_grad():
+        tl_logits, tl = bridge.run_with_cache(ids)
+        logits, ours = model.run_with_cache(ids)
+    torch.testing.assert_close(logits, tl_logits, atol=1e-4, rtol=1e-5)
+    for i in range(model.config.num_hidden_layers):
+        torch.testing.assert_close(ours["resid_post", i], tl[f"blocks.{i}.hook_resid_post"], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(ours["pattern", i], tl[f"blocks.{i}.attn.hook_pattern"], atol=1e-5, rtol=0)
