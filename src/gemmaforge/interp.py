@@ -434,7 +434,7 @@ def direct_logit_attribution(model, input_ids, target_id: int, position: int = -
     for i in range(len(layers)):
         names += [act_name(attn_name, i), act_name(mlp_name, i), act_name("resid_post", i)]
         if heads:
-            names += [act_name("result", i), act_name("attn_out", i)]
+            names.append(act_name("result", i))
     _, cache = model.run_with_cache(ids, names_filter=names, include_opt_in=heads, return_hidden=True)
 
     final = cache["resid_post", len(layers) - 1][0, pos].float()
@@ -454,9 +454,9 @@ def direct_logit_attribution(model, input_ids, target_id: int, position: int = -
         per = []
         for i, layer in enumerate(layers):
             res = cache["result", i][0, pos].float()  # [H, d_model]
-            if sandwich:
+            if sandwich:  # o_proj's output (the sum of the heads) is what the post-attention norm normalises
                 pn = layer.post_attention_layernorm
-                a = cache["attn_out", i][0, pos].float()
+                a = res.sum(0)
                 res = res * (pn.scale().to(res.device) * torch.rsqrt(a.pow(2).mean() + pn.eps))
             per.append(res @ u)
         out["attn_heads"] = torch.stack(per).cpu()

@@ -83,10 +83,11 @@ class Gemma3DecoderLayer(nn.Module):
         i, hk = self.layer_idx, ctx.hook
         h = hk(i, "hook_resid_pre", h)
         a = self.self_attn(hk(i, "ln1.hook_normalized", self.input_layernorm(hk(i, "hook_attn_in", h))), ctx)
-        a = hk(i, "ln1_post.hook_normalized", self.post_attention_layernorm(hk(i, "hook_attn_out", a)))
+        # as TransformerLens: hook_attn_out / hook_mlp_out are what reaches the residual (after the post-norm)
+        a = hk(i, "hook_attn_out", hk(i, "ln1_post.hook_normalized", self.post_attention_layernorm(a)))
         h = hk(i, "hook_resid_mid", h + a)
         m = self.mlp(hk(i, "ln2.hook_normalized", self.pre_feedforward_layernorm(h)), ctx.mlp_hook(i))
-        m = hk(i, "ln2_post.hook_normalized", self.post_feedforward_layernorm(hk(i, "hook_mlp_out", m)))
+        m = hk(i, "hook_mlp_out", hk(i, "ln2_post.hook_normalized", self.post_feedforward_layernorm(m)))
         return hk(i, "hook_resid_post", h + m)
 
 

@@ -205,7 +205,7 @@ class Gemma4DecoderLayer(nn.Module):
         i, hk = self.layer_idx, ctx.hook
         h = hk(i, "hook_resid_pre", h)
         a = self.self_attn(hk(i, "ln1.hook_normalized", self.input_layernorm(hk(i, "hook_attn_in", h))), ctx)
-        a = hk(i, "ln1_post.hook_normalized", self.post_attention_layernorm(hk(i, "hook_attn_out", a)))
+        a = hk(i, "hook_attn_out", hk(i, "ln1_post.hook_normalized", self.post_attention_layernorm(a)))
         h = hk(i, "hook_resid_mid", h + a)
         m = self.mlp(hk(i, "ln2.hook_normalized", self.pre_feedforward_layernorm(h)), ctx.mlp_hook(i))
         if self.moe:
@@ -214,7 +214,7 @@ class Gemma4DecoderLayer(nn.Module):
             _, weights, index = self.router(flat)
             e = self.experts(self.pre_feedforward_layernorm_2(flat), index, weights).reshape(h.shape)
             m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(e)
-        m = hk(i, "ln2_post.hook_normalized", self.post_feedforward_layernorm(hk(i, "hook_mlp_out", m)))
+        m = hk(i, "hook_mlp_out", hk(i, "ln2_post.hook_normalized", self.post_feedforward_layernorm(m)))
         h = h + m
         if self.ple:
             p = ctx.shared[STATE].ple[:, :, i, :]  # (B, S, P)

@@ -23,8 +23,8 @@ LAYER_HOOKS = [
     "hook_resid_pre", "hook_attn_in", "ln1.hook_normalized",
     "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
     "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result",
-    "hook_attn_out", "ln1_post.hook_normalized", "hook_resid_mid", "ln2.hook_normalized",
-    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "ln2_post.hook_normalized",
+    "ln1_post.hook_normalized", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized",
+    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "ln2_post.hook_normalized", "hook_mlp_out",
     "hook_resid_post",
 ]
 SANDWICH_ONLY = {"ln1_post.hook_normalized", "ln2_post.hook_normalized"}
@@ -86,17 +86,29 @@ def _from_tl(x: torch.Tensor, layout: str) -> torch.Tensor:
 class ActivationCache(dict):
     """``cache["blocks.3.hook_resid_post"]`` or the shorthand ``cache["resid_post", 3]``."""
 
-    def __getitem__(self, key):
+    def _n_layers(self) -> int:
+        return 1 + max((int(k.split(".")[1]) for k in self.keys() if k.startswith("blocks.")), default=-1)
+
+    def _key(self, key):
         if isinstance(key, tuple):
-            key = act_name(key[0], key[1] if len(key) > 1 else None)
-        elif key in GLOBAL_SHORT:
-            key = GLOBAL_SHORT[key]
-        return super().__getitem__(key)
+            layer = key[1] if len(key) > 1 else None
+            if layer is not None and layer < 0:  # cache["resid_post", -1], as in TransformerLens
+                layer += self._n_layers()
+            return act_name(key[0], layer)
+        return GLOBAL_SHORT.get(key, key)
+
+    def __getitem__(self, key):
+        return super().__getitem__(self._key(key))
+
+    def __contains__(self, key):
+        return super().__contains__(self._key(key))
+
+    def get(self, key, default=None):
+        return super().get(self._key(key), default)
 
     def stack(self, name: str, layers: Iterable[int] | None = None) -> torch.Tensor:
         """``[n_layers, ...]`` of one per-layer hook (e.g. every ``resid_post``)."""
-        n = 1 + max(int(k.split(".")[1]) for k in self.keys() if k.startswith("blocks."))
-        return torch.stack([self[name, i] for i in (layers if layers is not None else range(n))])
+        return torch.stack([self[name, i] for i in (layers if layers is not None else range(self._n_layers()))])
 
 
 NameOrPred = str | Callable[[str], bool]
@@ -111,9 +123,11 @@ class Hooks:
         self.cache = cache
         self.detach = detach
         all_names = hook_names(model, include_opt_in=True)
+        # a predicate never switches on an opt-in point (attn.hook_result changes the o_proj path); a name does
+        pred_names = hook_names(model, include_opt_in=include_opt_in)
         self.fns: dict[str, list[Callable]] = {}
         for target, fn in fwd_hooks:
-            matched = [n for n in all_names if _match(target, n)]
+            matched = [n for n in (pred_names if callable(target) else all_names) if _match(target, n)]
             if not matched:
                 raise KeyError(f"hook point {target!r} does not exist (e.g. {all_names[1]!r})")
             for n in matched:
@@ -124,7 +138,10 @@ class Hooks:
             if names_filter is None:
                 self.cache_names = set(candidates)
             elif isinstance(names_filter, str) or callable(names_filter):
-                self.cache_names = {n for n in all_names if _match(names_filter, n)}
+                pool = candidates if callable(names_filter) else all_names
+                self.cache_names = {n for n in pool if _match(names_filter, n)}
+                if isinstance(names_filter, str) and not self.cache_names:
+                    raise KeyError(f"hook point {names_filter!r} does not exist")
             else:
                 wanted = {act_name(*n) if isinstance(n, tuple) else n for n in names_filter}
                 unknown = wanted - set(all_names)
