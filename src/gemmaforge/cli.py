@@ -121,7 +121,19 @@ def cmd_train(a) -> int:
         values["progress"] = False
     if isinstance(values.get("data"), str):
         values["data"] = [values["data"]]
-    summary = Trainer(TrainConfig(**values)).run()
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one process per rank
+        from .distributed import is_rank0, make_distributed_trainer
+        from .transforms.parallel import ParallelConfig, ParallelDims
+
+        summary = make_distributed_trainer(
+            TrainConfig(**values), dims=ParallelDims(a.dp_shard, a.cp, a.tp, a.pp),
+            pcfg=ParallelConfig(activation_checkpointing=a.activation_checkpointing, compile=a.compile)).run()
+        if not is_rank0():
+            return int(summary.get("exit_code", 0))
+    else:
+        summary = Trainer(TrainConfig(**values)).run()
     print(json.dumps(summary))
     return int(summary.get("exit_code", 0))
 
@@ -166,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument(flag, type=typ, default=None, help=help_)
     t.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--dp-shard", type=int, default=-1, help="FSDP2 shards (-1: world / (cp*tp*pp))")
+    t.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    t.add_argument("--cp", type=int, default=1, help="context-parallel ranks (shard each row)")
+    t.add_argument("--pp", type=int, default=1, help="pipeline stages (not wired into train yet)")
+    t.add_argument("--compile", action="store_true", help="torch.compile each block")
     t.set_defaults(func=cmd_train)
 
     for register in _extra_commands():
