@@ -141,3 +141,13 @@ def test_sdpa_packed_memory_does_not_hold_t_squared():
     with torch.no_grad(), MaxNumel():
         m(ids, cu_seqlens=cu, attn_backend="sdpa", return_hidden=True)
     assert MaxNumel.biggest < T * T // 4, MaxNumel.biggest
+
+
+def test_packed_row_longer_than_the_context_is_fine_when_documents_fit():
+    m = _model("gemma-3-tiny", max_position_embeddings=32)
+    docs, ids, cu = _packed([20, 30, 25], m.config.vocab_size)  # 75 tokens, each document <= 32
+    with torch.no_grad():
+        out = m(ids, cu_seqlens=cu)
+        torch.testing.assert_close(out[20:50], m(docs[1][None])[0], atol=1e-5, rtol=0)
+        with pytest.raises(InputError, match="exceeds the model's context of 32"):
+            m(torch.cat(docs)[None, :40])

@@ -132,12 +132,14 @@ class CausalLM(nn.Module):
         past = cache.seen if cache is not None else 0
         if cache is not None and past and attention_mask is not None and not bool(attention_mask.all()):
             raise InputError("incremental decoding with a padding mask is not supported; decode rows one at a time")
-        if past + S > self.config.max_position_embeddings and position_ids is None:
-            raise InputError(
-                f"sequence of {past + S} tokens exceeds the model's context of {self.config.max_position_embeddings}"
-            )
         info = build_seq_info(B, S, device, cu_seqlens=cu_seqlens, position_ids=position_ids,
                               attention_mask=attention_mask, past_len=past)
+        # a packed row may be longer than the context: positions restart in every document
+        longest = info.max_seqlen if info.cu_seqlens is not None else past + S
+        if longest > self.config.max_position_embeddings and position_ids is None:
+            raise InputError(
+                f"sequence of {longest} tokens exceeds the model's context of {self.config.max_position_embeddings}"
+            )
         rope = {t: rope_table(spec, hd, info.positions, dtype) for t, (spec, hd) in self.rope_specs().items()}
         backend = resolve_backend(attn_backend or getattr(self, "attn_backend", None), device,
                                   getattr(self.config, "head_dim", 256))
