@@ -14,26 +14,15 @@ import time
 from pathlib import Path
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    try:
-        from .cli import _add_model  # the same --model/--dtype/--device/--attn-backend as the other commands
-    except ImportError:  # pragma: no cover - cli without the helper
-        _add_model = None
-    if _add_model is not None:
-        _add_model(p)
-        return
-    p.add_argument("--model", default=None, help="HF dir, .gguf file or preset name (default: gemma-3-270m)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default=None)
-
-
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``inspect`` to the CLI's subparsers."""
     p = subparsers.add_parser(
         "inspect", help="attention heatmaps and a logit lens of one prompt (PNG files)",
         description="Run one prompt with hooks and write attn_layer_XX.png (one per layer, one panel per head), "
                     "logit_lens.png and logit_lens.txt (top tokens of every layer's residual stream) to --out.")
-    _add_model_args(p)
+    from .cli import _add_model  # the same --model/--dtype/--device/--attn-backend as every command
+
+    _add_model(p)
     p.add_argument("--prompt", required=True, help="the text to inspect (BOS is added)")
     p.add_argument("--out", required=True, help="output directory (created if missing)")
     p.add_argument("--max-layers", type=int, default=None,

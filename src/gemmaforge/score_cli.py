@@ -25,20 +25,6 @@ import time
 from pathlib import Path
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    try:
-        from .cli import _add_model  # --model/--dtype/--device/--attn-backend, as the other commands
-    except ImportError:  # pragma: no cover
-        _add_model = None
-    if _add_model is not None:
-        _add_model(p)
-        return
-    p.add_argument("--model", default=None, help="HF dir, .gguf file or preset name (default: gemma-3-270m)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default=None)
-    p.add_argument("--attn-backend", default=None)
-
-
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``score`` to the CLI's subparsers."""
     p = subparsers.add_parser(
@@ -46,7 +32,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Score {\"prompt\", \"completion\"} (or {\"prompt_ids\", \"completion_ids\"}) JSONL lines: "
                     "writes one line per input with the completion's per-token log-probs, their sum, the "
                     "mean entropy and the token count.")
-    _add_model_args(p)
+    from .cli import _add_model  # the same --model/--dtype/--device/--attn-backend as every command
+
+    _add_model(p)
     p.add_argument("--data", required=True, help="input .jsonl")
     p.add_argument("--out", required=True, help="output .jsonl (written atomically)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) applied to the model")
