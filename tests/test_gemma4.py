@@ -22,7 +22,8 @@ from gemmaforge import from_config
 from gemmaforge.config import FULL, SLIDING, preset
 from gemmaforge.config_gemma4 import Gemma4Config
 from gemmaforge.errors import CheckpointError, ConfigError, InputError
-from gemmaforge.models.gemma4 import bidirectional_group_mask, group_ids_from_token_types
+from gemmaforge.layers.attention import bidirectional_group_mask
+from gemmaforge.multimodal import group_ids_from_token_types
 from gemmaforge.transforms.checkpointing import apply_activation_checkpointing
 
 CASES = {

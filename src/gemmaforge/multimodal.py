@@ -4,6 +4,10 @@ The scaling rule (see ``CausalLM.forward``): text tokens are embedded by the mod
 them by sqrt(hidden) exactly once; spliced features are used as given. The projector therefore
 outputs vectors at the scale of *scaled* token embeddings: its last layer learns that scale (it is
 initialised to the typical norm of scaled embeddings so training starts in range).
+
+Image masks: ``model(..., mm_groups=group_ids_from_token_types(token_types))`` lets the tokens of
+one image attend to each other bidirectionally (Gemma 3: every layer; Gemma 4: sliding layers),
+within their document; text stays causal.
 """
 
 from __future__ import annotations
@@ -51,3 +55,21 @@ def placeholder_positions(input_ids: torch.Tensor, token_id: int) -> torch.Tenso
         raise ValueError(f"rows hold different numbers of placeholder {token_id}: {counts.tolist()}")
     idx = mask.nonzero()
     return idx[:, -1].reshape(*input_ids.shape[:-1], -1)
+
+
+def group_ids_from_token_types(token_types: torch.Tensor, vision_types: tuple[int, ...] = (1, 2)) -> torch.Tensor:
+    """Group ids for ``mm_groups`` from the reference's token types, as transformers derives them.
+
+    Every maximal run of vision tokens (a type in ``vision_types``) along the last dim is one
+    group, numbered 0, 1, ... per row; every other token gets -1. Gemma 3's ``token_type_ids``
+    mark images with 1; Gemma 4's ``mm_token_type_ids`` mark images 1 and video 2 (audio, 3, stays
+    causal). For a packed row, call it per document or on the whole row: ids may repeat across
+    documents, the document mask keeps them apart.
+    """
+    is_vision = torch.zeros_like(token_types, dtype=torch.bool)
+    for t in vision_types:
+        is_vision |= token_types == t
+    prev = torch.nn.functional.pad(is_vision, (1, 0), value=False)[..., :-1]
+    starts = is_vision & ~prev
+    ids = torch.cumsum(starts.long(), dim=-1) - 1
+    return torch.where(is_vision, ids, -1)

@@ -3,11 +3,15 @@
 Document boundaries are data (``cu_seqlens`` or a padding mask turned into per-token document
 ids), never guessed from positions. A query token ``q`` may read key ``k`` iff
 
-    same_document(q, k) AND causal(q, k) AND (no window OR q - k < window)
+    same_document(q, k) AND (causal(q, k) OR same_image(q, k)) AND (no window OR q - k < window)
 
 where ``causal``/``window`` compare absolute stream indices (with a KV cache, keys carry the
 indices they were written at), so a sliding window of ``w`` sees ``w`` keys including itself
-(flash-attn: ``window_size=(w-1, 0)``).
+(flash-attn: ``window_size=(w-1, 0)``). ``same_image`` is off unless the forward was given
+multimodal group ids (``SeqInfo.groups``: -1 = text, ``g >= 0`` = the tokens of one image) AND the
+layer lets them attend bidirectionally (``AttnCall.bidirectional_groups``: every layer in Gemma 3,
+sliding layers in Gemma 4). The window stays one-sided (later tokens of the same image remain
+visible), as the reference composes it: ``AND(window, OR(causal, blockwise))``.
 
 Backends (``attn_backend=``): ``eager`` (explicit fp32 softmax, the reference and what hooks read),
 ``sdpa`` (torch SDPA; packed rows are attended per document so memory never grows with T^2),
@@ -46,6 +50,11 @@ def sliding_window_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int) -
     return lambda b, h, q, kv: q_idx[q] - k_idx[kv] < window
 
 
+def same_group_mask(q_group: torch.Tensor, k_group: torch.Tensor) -> MaskMod:
+    """Query and key belong to the same image (group id >= 0; -1 marks text)."""
+    return lambda b, h, q, kv: (q_group[b, q] == k_group[b, kv]) & (q_group[b, q] >= 0)
+
+
 def and_masks(*mods: MaskMod) -> MaskMod:
     def mod(b, h, q, kv):
         out = mods[0](b, h, q, kv)
@@ -66,6 +75,41 @@ def or_masks(*mods: MaskMod) -> MaskMod:
     return mod
 
 
+def compose_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, q_doc: torch.Tensor, k_doc: torch.Tensor,
+                 window: int | None, single_doc: bool = False, q_group: torch.Tensor | None = None,
+                 k_group: torch.Tensor | None = None) -> MaskMod:
+    """``doc AND (causal OR same_group) AND window``; without groups, plain ``doc AND causal AND window``.
+
+    q_idx/k_idx: [S]/[Sk] stream indices; q_doc/k_doc: [B, S]/[B, Sk] document ids (ignored when
+    ``single_doc``); q_group/k_group: [B, S]/[B, Sk] image group ids (-1 = text) or None."""
+    visible = causal_mask(q_idx, k_idx)
+    if q_group is not None:
+        visible = or_masks(visible, same_group_mask(q_group, k_group))
+    mods = [visible]
+    if not single_doc:
+        mods.append(document_mask(q_doc, k_doc))
+    if window is not None:
+        mods.append(sliding_window_mask(q_idx, k_idx, window))
+    return and_masks(*mods)
+
+
+def bidirectional_group_mask(q_idx, k_idx, q_doc, k_doc, q_group, k_group, window: int | None,
+                             single_doc: bool = False) -> MaskMod:
+    """``doc AND (causal OR same_group) AND window``: the tokens of one image attend to each other in
+    both directions, text stays causal, nobody crosses a document. The window is the one-sided
+    ``q - k < w`` of the causal case (later tokens of the same image stay visible), as in the
+    reference (Gemma 3 ``create_masks_for_vision_model``, Gemma 4 sliding layers)."""
+    return compose_mask(q_idx, k_idx, q_doc, k_doc, window, single_doc, q_group, k_group)
+
+
+def dense_mask_of(mod: MaskMod, batch: int, sq: int, sk: int, device) -> torch.Tensor:
+    """Evaluate a mask function on the full grid: [B, 1, Sq, Sk] boolean (True = may attend)."""
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    q = torch.arange(sq, device=device)[None, None, :, None]
+    kv = torch.arange(sk, device=device)[None, None, None, :]
+    return mod(b, None, q, kv)
+
+
 # ----------------------------------------------------------------------------- sequence layout
 
 @dataclass
@@ -77,6 +121,9 @@ class SeqInfo:
     idx:       [S] absolute stream index of each query (offset by what a cache already holds).
     cu_seqlens: document boundaries of the (single, B == 1) packed row, or None.
     single_doc: every row is one document starting at stream index 0 (plain causal).
+    groups:    [B, S] multimodal group ids (-1 = text, g >= 0 = the tokens of one image), or None
+               when the forward has no image tokens. Ids need not be unique across documents:
+               the document mask keeps equal ids of different documents apart.
     """
 
     positions: torch.Tensor
@@ -85,6 +132,7 @@ class SeqInfo:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
     single_doc: bool = False
+    groups: torch.Tensor | None = None
 
     @property
     def shape(self):
@@ -117,8 +165,12 @@ def build_seq_info(
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     past_len: int = 0,
+    groups: torch.Tensor | None = None,
 ) -> SeqInfo:
-    """Turn the user's description of the batch into explicit positions and document ids."""
+    """Turn the user's description of the batch into explicit positions and document ids.
+
+    ``groups``: multimodal group id of every token (``[B, S]``, or ``[T]`` for a packed row), -1 for
+    text; see ``SeqInfo.groups``."""
     idx = torch.arange(past_len, past_len + seqlen, device=device)
     if cu_seqlens is not None:
         if attention_mask is not None:
@@ -154,7 +206,28 @@ def build_seq_info(
         if position_ids.numel() != batch * seqlen:
             raise InputError(f"position_ids must have {batch * seqlen} entries; got shape {tuple(position_ids.shape)}")
         info.positions = position_ids.to(device).reshape(batch, seqlen)
+    if groups is not None:
+        info.groups = check_groups(groups, batch, seqlen, device, past_len)
     return info
+
+
+def check_groups(groups: torch.Tensor, batch: int, seqlen: int, device, past_len: int = 0) -> torch.Tensor | None:
+    """Validated ``[B, S]`` int64 group ids, or None when no token belongs to an image."""
+    if not isinstance(groups, torch.Tensor) or groups.dtype.is_floating_point or groups.dtype == torch.bool \
+            or groups.is_complex():
+        raise InputError(f"mm_groups must be an integer tensor (-1 = text, >= 0 = image group); "
+                         f"got {getattr(groups, 'dtype', type(groups).__name__)}")
+    if groups.numel() != batch * seqlen:
+        raise InputError(f"mm_groups must have {batch * seqlen} entries (one per token); got shape "
+                         f"{tuple(groups.shape)}")
+    g = groups.to(device).reshape(batch, seqlen).long()
+    if g.numel() and int(g.min()) < -1:
+        raise InputError(f"mm_groups must be -1 (text) or a group id >= 0; got {int(g.min())}")
+    if not bool((g >= 0).any()):
+        return None
+    if past_len:
+        raise InputError("image tokens (mm_groups >= 0) must come in the first call with a KV cache")
+    return g
 
 
 # ----------------------------------------------------------------------------- backends
@@ -171,26 +244,41 @@ class AttnCall:
     softcap: float | None
     keys_are_queries: bool  # no cache: keys are exactly this call's tokens
     tap: Callable | None = None  # eager only: tap(name, tensor) -> tensor for scores / pattern hooks
+    bidirectional_groups: bool = False  # this layer lets the tokens of one image (info.groups) see each other
+
+    @property
+    def has_groups(self) -> bool:
+        """The mask of this call is not causal: some image tokens see later tokens of their image."""
+        return self.bidirectional_groups and self.info.groups is not None
+
+    def group_ids(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(query groups [B, S], key groups [B, Sk]) when ``has_groups``, else None.
+
+        Image tokens only come in a cache's first call (``check_groups``), so a key is one of this
+        call's tokens iff its stream index is at least the first query's; older keys are text."""
+        if not self.has_groups:
+            return None
+        g = self.info.groups
+        if self.keys_are_queries:
+            return g, g
+        rel = self.k_idx - self.info.idx[0]
+        inside = (rel >= 0) & (rel < g.shape[1])
+        k_group = torch.where(inside[None], g[:, rel.clamp(0, g.shape[1] - 1)], -1)
+        return g, k_group
 
     def mask_mod(self) -> MaskMod:
-        mods = [causal_mask(self.info.idx, self.k_idx)]
-        if not self.info.single_doc:
-            mods.append(document_mask(self.info.doc, self.k_doc))
-        if self.window is not None:
-            mods.append(sliding_window_mask(self.info.idx, self.k_idx, self.window))
-        return and_masks(*mods)
+        groups = self.group_ids()
+        q_group, k_group = groups if groups is not None else (None, None)
+        return compose_mask(self.info.idx, self.k_idx, self.info.doc, self.k_doc, self.window,
+                            self.info.single_doc, q_group, k_group)
 
     def dense_mask(self, batch: int) -> torch.Tensor:
         """[B, 1, S, Sk] boolean mask (True = may attend)."""
-        dev = self.k_idx.device
-        b = torch.arange(batch, device=dev)[:, None, None, None]
-        q = torch.arange(len(self.info.idx), device=dev)[None, None, :, None]
-        kv = torch.arange(len(self.k_idx), device=dev)[None, None, None, :]
-        return self.mask_mod()(b, None, q, kv)
+        return dense_mask_of(self.mask_mod(), batch, len(self.info.idx), len(self.k_idx), self.k_idx.device)
 
     def needs_mask(self, sq: int, sk: int) -> bool:
         """False when every key is visible to every query (decode with a trimmed cache)."""
-        if not self.info.single_doc:
+        if not self.info.single_doc or self.has_groups:
             return True
         if sq == 1:
             return self.window is not None and sk > self.window
@@ -232,6 +320,13 @@ def _window_mask(n: int, window: int, device) -> torch.Tensor:
     return (d >= 0) & (d < window)
 
 
+def _document_group_mask(groups: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, 1, L, L] mask of one document of a packed row whose tokens carry image groups [B, L]."""
+    i = torch.arange(groups.shape[1], device=groups.device)
+    mod = compose_mask(i, i, groups, groups, window, single_doc=True, q_group=groups, k_group=groups)
+    return dense_mask_of(mod, groups.shape[0], len(i), len(i), groups.device)
+
+
 def sdpa_attention(q, k, v, call: AttnCall, return_probs: bool = False):
     if call.softcap is not None:  # SDPA has no score modifier: softcapped layers use the reference
         return eager_attention(q, k, v, call, return_probs)
@@ -241,16 +336,22 @@ def sdpa_attention(q, k, v, call: AttnCall, return_probs: bool = False):
         # packed row: attend document by document; memory O(sum L_i^2) (O(L*w) when windowed), not O(T^2)
         outs = []
         cu = info.cu_seqlens.tolist()
-        for s, e in zip(cu[:-1], cu[1:]):
+        # documents holding image tokens get their explicit (non-causal) mask; one host sync for all
+        with_images = set(info.doc[0][info.groups[0] >= 0].unique().tolist()) if call.has_groups else set()
+        for d, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
             if e == s:
                 continue
             qs, ks, vs = q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]
-            if call.window is None or e - s <= call.window:
+            if d in with_images:
+                mask = _document_group_mask(info.groups[:, s:e], call.window)
+                outs.append(_sdpa(qs, ks, vs, mask, False, call.scale))
+            elif call.window is None or e - s <= call.window:
                 outs.append(_sdpa(qs, ks, vs, None, True, call.scale))
             else:
                 outs.append(_sdpa(qs, ks, vs, _window_mask(e - s, call.window, q.device), False, call.scale))
         return torch.cat(outs, dim=2), None
-    if info.single_doc and call.keys_are_queries and (call.window is None or sq <= call.window):
+    plain_causal = info.single_doc and call.keys_are_queries and not call.has_groups
+    if plain_causal and (call.window is None or sq <= call.window):
         return _sdpa(q, k, v, None, True, call.scale), None
     if not call.needs_mask(sq, sk):
         return _sdpa(q, k, v, None, False, call.scale), None
@@ -298,7 +399,7 @@ def flash_attention_backend(q, k, v, call: AttnCall, return_probs: bool = False)
 
     info = call.info
     B, H, S, D = q.shape
-    if info.cu_seqlens is None or not call.keys_are_queries:
+    if info.cu_seqlens is None or not call.keys_are_queries or call.has_groups:  # flash has no group mask
         return sdpa_attention(q, k, v, call, return_probs)
     qt, kt, vt = (t[0].transpose(0, 1) for t in (q, k, v))  # [T, H, D]
     window = (-1, -1) if call.window is None else (call.window - 1, 0)

@@ -45,9 +45,10 @@ class ForwardContext:
 
 
 def rope_cache_attend(q, k, v, ctx: ForwardContext, *, layer_idx: int, layer_type: str, window, scale: float,
-                      softcap=None) -> torch.Tensor:
+                      softcap=None, bidirectional_groups: bool = False) -> torch.Tensor:
     """The part of self-attention every family shares, after projections (and q/k norms):
-    apply this layer type's RoPE, append to the KV cache if any, attend under the composed mask.
+    apply this layer type's RoPE, append to the KV cache if any, attend under the composed mask
+    (``bidirectional_groups``: the tokens of one image, ``ctx.info.groups``, see each other).
     q [B,H,S,D], k/v [B,Hkv,S,D] -> [B,H,S,D]."""
     i = layer_idx
     q, k, v = (ctx.hook(i, n, t, "bhsd") for n, t in (("attn.hook_q", q), ("attn.hook_k", k), ("attn.hook_v", v)))
@@ -58,7 +59,8 @@ def rope_cache_attend(q, k, v, ctx: ForwardContext, *, layer_idx: int, layer_typ
     k_doc, k_idx = info.doc, info.idx
     if ctx.cache is not None:
         k, v, k_doc, k_idx = ctx.cache.update(layer_idx, k, v, info.doc, info.idx)
-    call = AttnCall(info, k_doc, k_idx, window, scale, softcap, ctx.cache is None)
+    call = AttnCall(info, k_doc, k_idx, window, scale, softcap, ctx.cache is None,
+                    bidirectional_groups=bidirectional_groups)
     if i in ctx.eager_layers:  # hooks read scores / pattern: the explicit reference path, this call only
         call.tap = lambda name, t: ctx.hook(i, name, t, "bhqk")
         out, _ = attention(q, k, v, call, "eager")
@@ -98,6 +100,8 @@ class CausalLM(nn.Module):
     """Base class: subclasses set ``self.config``, ``self.model`` (embed_tokens, layers, norm), ``self.lm_head``."""
 
     config: object
+    # families whose image tokens attend bidirectionally (``mm_groups``); the others reject it
+    supports_mm_groups: bool = False
 
     # ---- pieces subclasses provide ----
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -128,12 +132,14 @@ class CausalLM(nn.Module):
                 raise InputError(f"token id {bad} is outside the vocabulary (0..{V - 1})")
 
     def make_context(self, B, S, device, dtype, *, cu_seqlens=None, position_ids=None, attention_mask=None,
-                     cache=None, attn_backend=None) -> ForwardContext:
+                     cache=None, attn_backend=None, mm_groups=None) -> ForwardContext:
         past = cache.seen if cache is not None else 0
         if cache is not None and past and attention_mask is not None and not bool(attention_mask.all()):
             raise InputError("incremental decoding with a padding mask is not supported; decode rows one at a time")
+        if mm_groups is not None and not self.supports_mm_groups:
+            raise InputError(f"mm_groups: {type(self).__name__} has no bidirectional image attention")
         info = build_seq_info(B, S, device, cu_seqlens=cu_seqlens, position_ids=position_ids,
-                              attention_mask=attention_mask, past_len=past)
+                              attention_mask=attention_mask, past_len=past, groups=mm_groups)
         # a packed row may be longer than the context: positions restart in every document
         longest = info.max_seqlen if info.cu_seqlens is not None else past + S
         if longest > self.config.max_position_embeddings and position_ids is None:
@@ -158,6 +164,7 @@ class CausalLM(nn.Module):
         return_hidden: bool = False,
         extra_embeds: torch.Tensor | None = None,
         extra_positions: torch.Tensor | None = None,
+        mm_groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, S, V]`` (or ``[T, V]`` for a 1-D packed row); final hidden states if ``return_hidden``.
 
@@ -171,6 +178,11 @@ class CausalLM(nn.Module):
         tokens go through the scaled embedding (Gemma: ``* sqrt(hidden)``) exactly once; spliced
         features are used AS GIVEN, never scaled, so an encoder/projector must produce vectors at
         the scale of scaled token embeddings (``gemmaforge.multimodal.Projector`` learns it).
+
+        ``mm_groups`` ``[B, S]`` (``[T]`` packed): -1 for text, one id ``>= 0`` per image; the
+        tokens of one image attend to each other bidirectionally (Gemma 3: every layer; Gemma 4:
+        sliding layers), within their document. ``gemmaforge.multimodal.group_ids_from_token_types``
+        builds it from the reference's ``token_type_ids``.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids or inputs_embeds")
@@ -186,7 +198,8 @@ class CausalLM(nn.Module):
             h = splice_embeds(h, extra_embeds, extra_positions)
         B, S, _ = h.shape
         ctx = self.make_context(B, S, h.device, h.dtype, cu_seqlens=cu_seqlens, position_ids=position_ids,
-                                attention_mask=attention_mask, cache=cache, attn_backend=attn_backend)
+                                attention_mask=attention_mask, cache=cache, attn_backend=attn_backend,
+                                mm_groups=mm_groups)
         hooks = getattr(self, "_active_hooks", None)
         if hooks is not None:
             hooks.bind(ctx)

@@ -23,17 +23,14 @@ as in the reference), within their own document.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import SLIDING
 from ..config_gemma4 import SHARE_REUSE, SHARE_STORE, Gemma4Config
 from ..errors import InputError
-from ..layers.attention import AttnCall, MaskMod, and_masks, attention, causal_mask, document_mask, or_masks
-from ..layers.attention import sliding_window_mask
+from ..layers.attention import AttnCall, attention
 from ..layers.mlp import ACTIVATIONS, GatedMLP
 from ..layers.moe import Gemma4Experts, Gemma4Router
 from ..layers.norm import RMSNorm
@@ -52,66 +49,11 @@ class Gemma4State:
     reference, so a store layer's write here is seen by every later layer.
     """
 
-    def __init__(self, ids=None, per_layer_tokens=None, groups=None):
+    def __init__(self, ids=None, per_layer_tokens=None):
         self.ids = ids  # [B, S] token ids of this forward (for the PLE lookup), or None
         self.per_layer_tokens = per_layer_tokens  # given token part of PLE [B, S, L, P], or None
-        self.groups = groups  # [B, S] multimodal group ids (-1 = text), or None
         self.ple: torch.Tensor | None = None  # [B, S, L, P] combined per-layer inputs
         self.kv: dict[str, tuple] = {}  # layer type -> (k, v, k_doc, k_idx) of its store layer
-
-
-# ----------------------------------------------------------------------------- multimodal masks
-
-def same_group_mask(q_group: torch.Tensor, k_group: torch.Tensor) -> MaskMod:
-    """Query and key belong to the same image (group id >= 0; -1 marks text)."""
-    return lambda b, h, q, kv: (q_group[b, q] == k_group[b, kv]) & (q_group[b, q] >= 0)
-
-
-def bidirectional_group_mask(q_idx, k_idx, q_doc, k_doc, q_group, k_group, window: int | None,
-                             single_doc: bool = False) -> MaskMod:
-    """``doc AND (causal OR same_group) AND window``: the tokens of one image attend to each other in
-    both directions, text stays causal, nobody crosses a document. The window is the one-sided
-    ``q - k < w`` of the causal case (later tokens of the same image stay visible), as in the
-    reference's ``sliding_window_overlay``. Gemma 3 uses the same function on every layer."""
-    mods = [or_masks(causal_mask(q_idx, k_idx), same_group_mask(q_group, k_group))]
-    if not single_doc:
-        mods.append(document_mask(q_doc, k_doc))
-    if window is not None:
-        mods.append(sliding_window_mask(q_idx, k_idx, window))
-    return and_masks(*mods)
-
-
-def group_ids_from_token_types(mm_token_type_ids: torch.Tensor) -> torch.Tensor:
-    """Reference convention: every maximal run of vision tokens (type 1 or 2) is one group."""
-    is_vision = (mm_token_type_ids == 1) | (mm_token_type_ids == 2)
-    prev = torch.roll(is_vision, shifts=1, dims=-1)
-    prev[..., 0] = False
-    starts = is_vision & ~prev
-    ids = torch.cumsum(starts.int(), dim=-1) - 1
-    return torch.where(is_vision, ids, -1)
-
-
-@dataclass
-class GroupAttnCall(AttnCall):
-    """An AttnCall whose mask also lets same-group (image) tokens attend bidirectionally."""
-
-    q_group: torch.Tensor | None = None  # [B, S]
-    k_group: torch.Tensor | None = None  # [B, Sk]
-
-    def mask_mod(self) -> MaskMod:
-        return bidirectional_group_mask(self.info.idx, self.k_idx, self.info.doc, self.k_doc, self.q_group,
-                                        self.k_group, self.window, self.info.single_doc)
-
-    def needs_mask(self, sq: int, sk: int) -> bool:
-        return True
-
-
-def _group_attention(q, k, v, call: GroupAttnCall, backend: str):
-    """Backends whose fast paths assume causality get the explicit mask (SDPA with a dense mask)."""
-    if backend in ("eager", "flex"):
-        return attention(q, k, v, call, backend)[0]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=call.dense_mask(q.shape[0]), scale=call.scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 # ----------------------------------------------------------------------------- layers
@@ -158,17 +100,11 @@ class Gemma4Attention(nn.Module):
                 k, v, k_doc, k_idx = ctx.cache.update(i, k, v, k_doc, k_idx)
             if self.sharing == SHARE_STORE:
                 state.kv[self.layer_type] = (k, v, k_doc, k_idx)
-        groups = state.groups if self.bidirectional else None
-        if groups is not None:
-            call = GroupAttnCall(ctx.info, k_doc, k_idx, self.window, self.scale, None, ctx.cache is None,
-                                 q_group=groups, k_group=groups)
-        else:
-            call = AttnCall(ctx.info, k_doc, k_idx, self.window, self.scale, None, ctx.cache is None)
+        call = AttnCall(ctx.info, k_doc, k_idx, self.window, self.scale, None, ctx.cache is None,
+                        bidirectional_groups=self.bidirectional)
         if i in ctx.eager_layers:  # hooks read scores / pattern: the explicit reference path, this call only
             call.tap = lambda name, t: ctx.hook(i, name, t, "bhqk")
             out = attention(q, k, v, call, "eager")[0]
-        elif groups is not None:
-            out = _group_attention(q, k, v, call, ctx.backend)
         else:
             out = attention(q, k, v, call, ctx.backend)[0]
         return attn_output(self.o_proj, out, ctx, i)
@@ -180,6 +116,9 @@ class Gemma4DecoderLayer(nn.Module):
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.layer_idx = layer_idx
         self.self_attn = Gemma4Attention(cfg, layer_idx)
+        # a KV-sharing reuse layer computes no keys/values: no k/v hook points (transforms/hooks.py)
+        self.absent_hook_points = frozenset({"attn.hook_k", "attn.hook_v", "attn.hook_rot_k"}) \
+            if cfg.kv_sharing_modes[layer_idx] == SHARE_REUSE else frozenset()
         self.mlp = GatedMLP(h, cfg.mlp_size(layer_idx), cfg.hidden_activation)  # double-wide on reuse layers
         self.input_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)
@@ -240,6 +179,8 @@ class Gemma4Model(nn.Module):
 
 
 class Gemma4ForCausalLM(CausalLM):
+    supports_mm_groups = True  # image tokens attend bidirectionally on sliding layers ("vision" configs)
+
     def __init__(self, cfg: Gemma4Config):
         super().__init__()
         self.config = cfg
@@ -248,19 +189,19 @@ class Gemma4ForCausalLM(CausalLM):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # tied to the UNSCALED embedding
         self.attn_backend = None
-        self._pending: Gemma4State | None = None  # inputs of the forward in flight (PLE ids, groups)
+        self._pending: Gemma4State | None = None  # inputs of the forward in flight (PLE ids)
 
     # ---- inputs ----
     def forward(self, input_ids: torch.Tensor | None = None, *, per_layer_inputs: torch.Tensor | None = None,
-                mm_groups: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                **kwargs) -> torch.Tensor:
         """``CausalLM.forward`` plus Gemma 4 inputs.
 
         ``per_layer_inputs``: the token part of PLE ``[B, S, L, P]`` (needed with ``inputs_embeds``
         unless those are exact rows of the scaled embedding, which are then looked up).
-        ``mm_groups``: ``[B, S]`` (or ``[T]`` packed) group id of every token, -1 for text and one
-        id per image; see ``group_ids_from_token_types``.
+        ``mm_groups`` (``CausalLM.forward``): image tokens attend bidirectionally on sliding layers
+        when the config says ``use_bidirectional_attention="vision"``.
         """
-        self._pending = Gemma4State(per_layer_tokens=per_layer_inputs, groups=mm_groups)
+        self._pending = Gemma4State(per_layer_tokens=per_layer_inputs)
         try:
             return super().forward(input_ids, **kwargs)
         finally:
@@ -285,14 +226,6 @@ class Gemma4ForCausalLM(CausalLM):
         state = self._pending if self._pending is not None else Gemma4State()
         if state.ids is not None and tuple(state.ids.shape) != (B, S):
             state.ids = None
-        if state.groups is not None:
-            g = state.groups.to(device)
-            if g.numel() != B * S:
-                raise InputError(f"mm_groups must have {B * S} entries (one per token); got shape {tuple(g.shape)}")
-            g = g.reshape(B, S).long()
-            if ctx.cache is not None and ctx.cache.seen and bool((g >= 0).any()):
-                raise InputError("image tokens (mm_groups >= 0) must come in the first call with a KV cache")
-            state.groups = g if bool((g >= 0).any()) else None
         if state.per_layer_tokens is not None:
             P, L = self.config.hidden_size_per_layer_input, self.config.num_hidden_layers
             if not P:

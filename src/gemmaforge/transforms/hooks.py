@@ -53,12 +53,17 @@ def act_name(name: str, layer: int | None = None) -> str:
 
 
 def hook_names(model, include_opt_in: bool = False) -> list[str]:
-    """Every hook point of ``model`` in execution order."""
+    """Every hook point of ``model`` in execution order.
+
+    A decoder layer may declare ``absent_hook_points`` (names it never reaches, e.g. the k/v hooks
+    of a Gemma 4 KV-sharing layer, which computes no keys): those are not hook points, so asking
+    for one fails instead of silently never firing."""
     sandwich = hasattr(next(iter(model.model.layers.values())), "post_feedforward_layernorm")
     names = ["hook_embed"]
-    for i in range(len(model.model.layers)):
+    for i, layer in enumerate(model.model.layers.values()):
+        absent = getattr(layer, "absent_hook_points", ())
         for n in LAYER_HOOKS:
-            if (n in SANDWICH_ONLY and not sandwich) or (n in OPT_IN and not include_opt_in):
+            if (n in SANDWICH_ONLY and not sandwich) or (n in OPT_IN and not include_opt_in) or n in absent:
                 continue
             names.append(f"blocks.{i}.{n}")
     return names + ["ln_final.hook_normalized", "hook_logits"]

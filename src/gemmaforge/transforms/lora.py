@@ -5,7 +5,11 @@ under the same name (``...q_proj.weight``) and adds ``...q_proj.lora_A.weight`` 
 ``...q_proj.lora_B.weight``: prefixed with ``base_model.model.`` those are exactly PEFT's keys for
 ``Gemma3ForCausalLM`` (``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight``), so
 adapters move both ways without renaming. The default targets are all seven projections of every
-layer (not only q/v: the SALMONN port's trap).
+layer (not only q/v: the SALMONN port's trap). Only ``nn.Linear`` modules are wrapped: on Gemma 4
+that is attention (q/k/v/o; KV-sharing layers own no k/v, K=V layers no v) and the dense MLP
+(gate/up/down). The packed MoE expert weights (``experts.gate_up_proj``/``experts.down_proj``,
+[E, ., .] tensors, not Linear modules) and the router are left alone by the defaults, and a target
+naming them, or any other non-Linear module, is an error rather than a silent no-op.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEFT_PREFIX = "base_model.model."
@@ -112,8 +116,28 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _check_supported_targets(model: nn.Module, targets) -> None:
+    """A target that names a module LoRA cannot wrap (anything but a Linear) or a packed parameter
+    (MoE experts) fails with one line, instead of training nothing there."""
+    hint = "LoRA wraps attention (q/k/v/o_proj) and dense MLP (gate/up/down_proj) Linears only"
+    for n, m in model.named_modules():
+        if n and not isinstance(m, (nn.Linear, LoraLinear)) and ".lora_" not in n and _matches(n, targets):
+            raise ConfigError(f"LoRA target {targets!r} names {n} ({type(m).__name__}), not a Linear; {hint}")
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for t in ([targets] if isinstance(targets, str) else targets):
+        one = t if isinstance(targets, str) else [t]
+        if any(_matches(n, one) for n in linear_names):
+            continue
+        for n, p in model.named_parameters():
+            owner = model.get_submodule(n.rpartition(".")[0])
+            if not isinstance(owner, nn.Linear) and _matches(n, one):
+                kind = "a packed MoE expert weight" if p.dim() == 3 else "a parameter of a non-Linear module"
+                raise ConfigError(f"LoRA target {t!r} names {n} ({kind}, shape {tuple(p.shape)}); {hint}")
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig, *, freeze_base: bool = True) -> list[str]:
     """Wrap every targeted Linear; returns the wrapped module names. Only adapters stay trainable."""
+    _check_supported_targets(model, cfg.targets)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"
              and not n.endswith(("lora_A", "lora_B")) and _matches(n, cfg.targets)]
     if not names:
