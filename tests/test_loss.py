@@ -340,3 +340,24 @@ def test_bf16_inputs(softcap):
     torch.testing.assert_close(ent, ent_ref, **TOL)
     gh, gw = torch.autograd.grad((lp.sum() + ent.sum()), (hb, wb))
     assert gh.dtype == gw.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_does_not_change_the_fp32_loss(reduction):
+    """Under a caller's bf16 autocast (the GPU training default) the chunked loss and its gradients
+    stay fp32 and equal the run without autocast (regression: mm under autocast returned bf16)."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(24, 16, generator=g), torch.randn(40, 16, generator=g)
+    y = torch.randint(0, 40, (24,), generator=g)
+    y[3] = -100
+
+    def run(autocast):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = chunked_cross_entropy(hh, ww, y, softcap=5.0, chunk_size=7, reduction=reduction)
+        loss.sum().backward()
+        return loss.detach(), hh.grad, ww.grad
+
+    for a, b in zip(run(True), run(False)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

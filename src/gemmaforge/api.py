@@ -25,7 +25,7 @@ def _dtype(dtype) -> torch.dtype:
 
 def from_pretrained(path_or_preset: str | os.PathLike | None = None, dtype=torch.float32, device="cpu"):
     """Load a model from an HF dir, a .gguf file, or a preset name (``gemma-3-270m`` = embedded default)."""
-    model, _ = load_any(resolve(path_or_preset), dtype=_dtype(dtype), device=device)
+    model, _ = load_any(resolve(path_or_preset), dtype=_dtype(dtype), device=device, with_tokenizer=False)
     return model
 
 

@@ -82,6 +82,8 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -138,6 +140,19 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 def _is_one(scale: torch.Tensor) -> bool:
     # Only inspect the value when it is free to do so (no device sync).
     return scale.device.type == "cpu" and scale.numel() == 1 and float(scale) == 1.0
+
+
+def _fp32_region(fn):
+    """Run an autograd.Function's forward/backward with autocast off: the loss math is fp32 by design,
+    and under a caller's bf16 autocast ``torch.mm`` would otherwise return bf16 chunks."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx, *args):
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(dev, enabled=False):
+            return fn(ctx, *args)
+
+    return wrapper
 
 
 class _Workspace:
@@ -202,6 +217,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
+    @_fp32_region
     def forward(ctx, h, weight, y, softcap, chunk_size, need_gh, need_gw):
         n = h.shape[0]
         wc = _fp32(weight)
@@ -235,6 +251,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_fp32_region
     def backward(ctx, grad_out):
         if ctx.consumed:
             raise RuntimeError(
@@ -277,6 +294,7 @@ def _scaled_logits(h_c, wc, softcap, temperature, keep_tanh: bool, ws: _Workspac
 
 class _ChunkedLogProbs(torch.autograd.Function):
     @staticmethod
+    @_fp32_region
     def forward(ctx, h, weight, y, softcap, temperature, chunk_size, want_entropy):
         n = h.shape[0]
         wc = _fp32(weight)
@@ -315,6 +333,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_fp32_region
     def backward(ctx, g_lp, g_ent=None):
         h, weight, y, lse, ent = ctx.saved_tensors
         need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -187,6 +187,9 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.autocast = self.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16", "bf16")
+        if self.autocast:
+            # the fp32 parts of a bf16 run (the chunked LM-head loss) use TF32 tensor cores, not IEEE fp32
+            torch.backends.cuda.matmul.allow_tf32 = True
         self.out = self._prepare_out()
         self._set_seed(cfg.seed)
         # tokenizer and data first: bad data fails in a second, before the model loads

@@ -8,8 +8,11 @@ from pathlib import Path
 from ..errors import CheckpointError
 
 
-def load_any(src: Path, dtype=None, device="cpu"):
-    """(model, tokenizer or None) from an HF dir or a .gguf file."""
+def load_any(src: Path, dtype=None, device="cpu", with_tokenizer: bool = True):
+    """(model, tokenizer or None) from an HF dir or a .gguf file.
+
+    ``with_tokenizer=False`` skips parsing an HF dir's tokenizer.json (2 s for Gemma's 262k vocabulary)
+    when the caller only wants the model."""
     import torch
 
     from ..config import config_from_hf
@@ -32,7 +35,7 @@ def load_any(src: Path, dtype=None, device="cpu"):
         tok = Tokenizer.from_json(json.dumps(tok_json))
     else:
         cfg, sd = load_hf_state(src)
-        if (src / "tokenizer.json").exists():
+        if with_tokenizer and (src / "tokenizer.json").exists():
             from ..tokenizer import Tokenizer
 
             tok = Tokenizer.from_file(src)

@@ -9,6 +9,11 @@ Numerics that matter (see shared/reference/gemma-architecture.md):
 - dual RoPE: each layer uses the table of its own type (sliding theta 10k, full theta 1M with
   linear scaling on 4B+), and sliding layers see ``w`` keys including themselves.
 
+Multimodal masks: ``mm_groups`` [B, S] (-1 = text, g >= 0 = the tokens of one image) lets the
+tokens of one image see each other bidirectionally on EVERY layer, within their own document, as
+``Gemma3ForConditionalGeneration`` does with ``token_type_ids``; sliding layers keep their
+one-sided window (``q - k < w``), so a later token of the same image stays visible.
+
 Parallelism, activation checkpointing, LoRA and hooks are applied from outside (transforms/);
 parameter names equal HF's so checkpoint conversion is the identity.
 """
@@ -19,20 +24,10 @@ import torch
 from torch import nn
 
 from ..config import Gemma3Config
+from ..layers.embedding import ScaledEmbedding
 from ..layers.mlp import GatedMLP
 from ..layers.norm import GemmaRMSNorm
 from .base import CausalLM, ForwardContext, attn_output, rope_cache_attend
-
-
-class ScaledEmbedding(nn.Embedding):
-    def __init__(self, vocab: int, hidden: int, pad_id: int, scale: float):
-        super().__init__(vocab, hidden, padding_idx=pad_id)
-        self.scale = scale
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        # cast the scale to the weight dtype first, as the reference does
-        return super().forward(ids) * torch.tensor(self.scale, dtype=torch.float32).to(w.dtype)
 
 
 class Gemma3Attention(nn.Module):
@@ -62,7 +57,8 @@ class Gemma3Attention(nn.Module):
         v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
         out = rope_cache_attend(q, k, v, ctx, layer_idx=self.layer_idx, layer_type=self.layer_type,
-                                window=self.window, scale=self.scale, softcap=self.softcap)
+                                window=self.window, scale=self.scale, softcap=self.softcap,
+                                bidirectional_groups=True)
         return attn_output(self.o_proj, out, ctx, self.layer_idx)
 
 
@@ -101,6 +97,8 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(CausalLM):
+    supports_mm_groups = True  # image tokens attend bidirectionally on every layer
+
     def __init__(self, cfg: Gemma3Config):
         super().__init__()
         self.config = cfg

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..config import MistralConfig
+from ..layers.embedding import Embedding
 from ..layers.mlp import GatedMLP
 from ..layers.norm import RMSNorm
 from .base import CausalLM, ForwardContext, attn_output, rope_cache_attend
@@ -62,7 +63,7 @@ class MistralDecoderLayer(nn.Module):
 class MistralModel(nn.Module):
     def __init__(self, cfg: MistralConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.layers = nn.ModuleDict({str(i): MistralDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cast_before_scale=True)
 

@@ -1,0 +1,164 @@
+"""Training throughput and MFU of a Gemma 3 model on one GPU: bf16 autocast, packed rows.
+
+    python bench/bench_gpu_mfu.py [--preset gemma-3-1b] [--seq 4096] [--docs 4] [--steps 10]
+                                  [--configs sdpa,flex,sdpa+compile,flex+compile] [--json out.json]
+
+One optimizer step = the Trainer's step: packed forward (``cu_seqlens``) under bf16 autocast with
+fp32 master weights, chunked linear+cross-entropy over the tied head (TF32 matmuls on CUDA),
+backward, fused AdamW. Each config runs in its own process (a compile that stalls cannot take
+the others down); each reports the median of ``--steps`` timed steps after 3 warm-up steps.
+
+MFU = model FLOPs per step / step time / the GPU's dense bf16 peak. Model FLOPs: 6 x (matmul
+parameters incl. the tied head) x tokens + attention (QK^T and PV, forward x3), counted per
+document and per layer with its sliding window, i.e. only the FLOPs the model needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense, SXM
+
+
+def model_flops(cfg, doc_lens: list[int]) -> float:
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i
+    n = cfg.num_hidden_layers * per_layer + cfg.vocab_size * h
+    T = sum(doc_lens)
+    attn = 0
+    for t in cfg.layer_types:
+        for L in doc_lens:
+            w = cfg.window_for(t) or L
+            keys = sum(min(k + 1, w) for k in range(L))
+            attn += 2 * 2 * cfg.num_attention_heads * d * keys
+    return 6 * n * T + 3 * attn
+
+
+def doc_lengths(seq: int, docs: int) -> list[int]:
+    import random
+
+    rng = random.Random(0)
+    cuts = sorted(rng.sample(range(1, seq), docs - 1))
+    return [b - a for a, b in zip([0] + cuts, cuts + [seq])]
+
+
+def worker(preset: str, seq: int, docs: int, steps: int, config: str, profile: str | None = None) -> dict:
+    import torch
+
+    import gemmaforge
+    from gemmaforge.loss import chunked_cross_entropy
+    from gemmaforge.train import param_groups
+
+    torch.set_float32_matmul_precision("high")  # fp32 matmuls (the LM-head loss) on TF32 tensor cores
+    backend, _, comp = config.partition("+")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: a smoke run of the script
+    torch.manual_seed(0)
+    model = gemmaforge.from_config(preset, device=dev).train()
+    model.attn_backend = backend
+    if comp == "compile":
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = 64  # one entry per block (layer index is a constant)
+        from gemmaforge.transforms.parallel import compile_blocks
+
+        compile_blocks(model)
+    cfg = model.config
+    lens = doc_lengths(seq, docs)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device=dev)
+    ids = torch.randint(10, cfg.vocab_size, (1, seq), device=dev)
+    labels = ids[0].roll(-1).clone()
+    labels[cu[1:] - 1] = -100  # no label across a document boundary
+    opt = torch.optim.AdamW(param_groups(model, 0.0, False), lr=1e-5, fused=True)
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            h = model(ids, cu_seqlens=cu, return_hidden=True)[0]
+            loss = chunked_cross_entropy(h, model.head_weight(), labels, reduction="mean", chunk_size=1024,
+                                         softcap=cfg.final_logit_softcapping)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    losses = [float(step()) for _ in range(3)]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        sync()
+        t = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - t)
+    losses.append(float(loss))
+    if profile and dev.type == "cuda":
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            step()
+            sync()
+        with open(f"{profile}.{config.replace('+', '_')}.txt", "w") as f:
+            f.write(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70))
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    fl = model_flops(cfg, lens)
+    st = statistics.median(times)
+    return {"config": config, "device": name, "torch": torch.__version__, "preset": preset, "seq": seq,
+            "doc_lens": lens, "step_s": st, "tokens_per_s": seq / st, "tflops": fl / st / 1e12,
+            "mfu": fl / st / peak if peak else None, "warmup_s": warm, "losses": losses,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0, "model_tflop_per_step": fl / 1e12}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="gemma-3-1b")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--docs", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--configs", default="sdpa,flex,sdpa+compile,flex+compile")
+    ap.add_argument("--timeout", type=int, default=240, help="seconds per config")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--worker", default=None)
+    ap.add_argument("--profile", default=None, help="write a per-kernel profile of one step to PREFIX.CONFIG.txt")
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.preset, a.seq, a.docs, a.steps, a.worker, a.profile)), flush=True)
+        return
+    results = []
+    for c in a.configs.split(","):
+        cmd = [sys.executable, __file__, "--worker", c, "--preset", a.preset, "--seq", str(a.seq), "--docs",
+               str(a.docs), "--steps", str(a.steps)] + (["--profile", a.profile] if a.profile else [])
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+            if out.returncode:
+                r = {"config": c, "error": out.stderr.strip().splitlines()[-1][:300] if out.stderr else "failed"}
+                print(out.stderr[-2000:], file=sys.stderr)
+            else:
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+        except subprocess.TimeoutExpired:
+            r = {"config": c, "error": f"timed out after {a.timeout} s"}
+        results.append(r)
+        if "error" in r:
+            print(f"{c:14s} ERROR {r['error']}", flush=True)
+        else:
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+            print(f"{c:14s} {r['step_s'] * 1e3:7.1f} ms/step  {r['tokens_per_s']:8.0f} tokens/s  "
+                  f"{r['tflops']:6.1f} TFLOP/s  MFU {mfu}  peak {r['peak_mem_gib']:.1f} GiB  "
+                  f"warm-up {r['warmup_s']:.0f} s  loss {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}  [{r['device']}]",
+                  flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""CUDA paths: attention backends, bf16 autocast training, generation on the GPU.
+
+These run where a CUDA device exists (the project's GPU machine) and skip on CPU-only machines
+such as CI; the flash-attn test additionally needs the ``flash-attn`` package.
+"""
+
+import pytest
+import torch
+
+from gemmaforge import from_config
+from gemmaforge.config import preset
+from gemmaforge.generate import generate_ids
+from gemmaforge.loss import chunked_cross_entropy
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+
+LENGTHS = [1, 13, 3, 20, 5, 30]  # documents shorter and longer than the tiny window (8)
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = from_config(preset("gemma-3-tiny", **kw))
+    for p in m.parameters():
+        if p.dim() == 1:
+            torch.nn.init.normal_(p, 0, 0.3)
+    return m
+
+
+def _packed(vocab, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (sum(LENGTHS),), generator=g)
+    cu = torch.tensor([0] + list(torch.tensor(LENGTHS).cumsum(0)), dtype=torch.int32)
+    return ids.to(device), cu.to(device)
+
+
+def _loss_and_grads(m, ids, cu, backend):
+    m.zero_grad(set_to_none=True)
+    h = m(ids, cu_seqlens=cu, attn_backend=backend, return_hidden=True)
+    labels = ids.roll(-1).clone()
+    labels[cu[1:].long() - 1] = -100
+    loss = chunked_cross_entropy(h, m.head_weight(), labels, reduction="mean", chunk_size=16)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in m.named_parameters()}
+
+
+def test_cuda_sdpa_matches_cpu_eager_fp32():
+    """Packed row on the GPU, fp32: logits, loss and every gradient equal the CPU eager reference."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = _model()
+    gpu = _model().cuda()
+    ids, cu = _packed(ref.config.vocab_size, "cpu")
+    with torch.no_grad():
+        want = ref(ids, cu_seqlens=cu, attn_backend="eager")
+        got = gpu(ids.cuda(), cu_seqlens=cu.cuda(), attn_backend="sdpa")
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+    l_ref, g_ref = _loss_and_grads(ref, ids, cu, "eager")
+    l_gpu, g_gpu = _loss_and_grads(gpu, ids.cuda(), cu.cuda(), "sdpa")
+    torch.testing.assert_close(l_gpu.cpu(), l_ref, atol=1e-5, rtol=1e-5)
+    for n in g_ref:
+        torch.testing.assert_close(g_gpu[n].cpu(), g_ref[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_cuda_flex_matches_sdpa_bf16():
+    """Compiled flex attention (block mask from document ids + windows) vs sdpa, bf16 weights:
+    logits and the loss gradient agree within bf16 rounding. (Inductor's flex template has no
+    fp32 configuration on this GPU: fp32 compiles fail with NoValidChoicesError.)"""
+    m = _model().cuda().to(torch.bfloat16)
+    ids, cu = _packed(m.config.vocab_size, "cuda")
+    with torch.no_grad():
+        a = m(ids, cu_seqlens=cu, attn_backend="flex").float()
+        b = m(ids, cu_seqlens=cu, attn_backend="sdpa").float()
+    torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+    la, ga = _loss_and_grads(m, ids, cu, "flex")
+    lb, gb = _loss_and_grads(m, ids, cu, "sdpa")
+    torch.testing.assert_close(la, lb, atol=2e-2, rtol=2e-2)
+    for n in ga:
+        torch.testing.assert_close(ga[n].float(), gb[n].float(), atol=5e-2, rtol=5e-2, msg=n)
+
+
+def test_flash_varlen_matches_sdpa_bf16():
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed on this machine")
+    m = _model().cuda().to(torch.bfloat16)
+    ids, cu = _packed(m.config.vocab_size, "cuda")
+    with torch.no_grad():
+        a = m(ids, cu_seqlens=cu, attn_backend="flash").float()
+        b = m(ids, cu_seqlens=cu, attn_backend="sdpa").float()
+    torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+
+
+def test_bf16_autocast_close_to_fp32_and_finite():
+    """bf16 autocast (the GPU training default) tracks the fp32 model: no NaN, small logit error."""
+    m = _model().cuda()
+    ids, cu = _packed(m.config.vocab_size, "cuda")
+    with torch.no_grad():
+        ref = m(ids, cu_seqlens=cu, attn_backend="sdpa")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = m(ids, cu_seqlens=cu, attn_backend="sdpa").float()
+    assert torch.isfinite(low).all()
+    err = (low - ref).abs().max() / ref.abs().max()
+    assert err < 0.05, f"bf16 autocast relative logit error {err:.3g}"
+
+
+def test_trainer_bf16_on_cuda_lowers_loss(tmp_path):
+    from test_train import make_trainer, tiny_model
+
+    tr = make_trainer(tmp_path, steps=16, device="cuda", model=tiny_model().cuda())
+    assert tr.autocast, "the Trainer must default to bf16 autocast on CUDA"
+    summary = tr.run()
+    before, after = summary["val_before"]["val_loss"], summary["val_after"]["val_loss"]
+    assert after < before - 0.3, (before, after)
+
+
+def test_greedy_generation_on_cuda_equals_cpu():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu = _model(seed=3)
+    gpu = _model(seed=3).cuda()
+    prompt = [5, 9, 13, 2, 7]
+    a = generate_ids(cpu, prompt, max_new_tokens=24, stop_ids=set()).ids
+    b = generate_ids(gpu, prompt, max_new_tokens=24, stop_ids=set()).ids
+    assert a == b
