@@ -123,17 +123,50 @@ def cmd_train(a) -> int:
         values["data"] = [values["data"]]
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one process per rank
-        from .distributed import is_rank0, make_distributed_trainer
-        from .transforms.parallel import ParallelConfig, ParallelDims
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # torchrun: one process per rank
+        return _train_distributed(a, values, world)
+    if (a.dp_shard, a.cp, a.tp, a.pp) != (-1, 1, 1, 1):  # a layout that needs torchrun: one clear line
+        from .transforms.parallel import LayoutError, ParallelDims
 
-        summary = make_distributed_trainer(
-            TrainConfig(**values), dims=ParallelDims(a.dp_shard, a.cp, a.tp, a.pp),
-            pcfg=ParallelConfig(activation_checkpointing=a.activation_checkpointing, compile=a.compile)).run()
-        if not is_rank0():
-            return int(summary.get("exit_code", 0))
-    else:
-        summary = Trainer(TrainConfig(**values)).run()
+        d = ParallelDims(a.dp_shard, a.cp, a.tp, a.pp)
+        n = max(d.dp_shard, 1) * d.cp * d.tp * d.pp
+        d.validate(n)  # bad values first
+        if n > 1:
+            raise LayoutError(f"parallel layout {d.resolved(n).describe()} needs {n} processes: run it under "
+                              f"torchrun --nproc-per-node {n} -m gemmaforge train ...")
+    trainer = Trainer(TrainConfig(**values))
+    if a.compile:
+        from .transforms.parallel import compile_blocks
+
+        compile_blocks(trainer.model)
+    summary = trainer.run()
+    print(json.dumps(summary))
+    return int(summary.get("exit_code", 0))
+
+
+def _train_distributed(a, values: dict, world: int) -> int:
+    """``train`` under torchrun with ``--dp-shard/--tp/--cp/--pp``. A wrong layout is the same error on
+    every rank: rank 0 alone prints its one line (every rank exits with code 2)."""
+    import os
+
+    from .train import TrainConfig
+    from .transforms.parallel import LayoutError, ParallelConfig, ParallelDims, pipeline_schedule_name
+
+    try:
+        dims = ParallelDims(a.dp_shard, a.cp, a.tp, a.pp)
+        dims.validate(world)  # the world size alone: fails before the process group or the model
+        pcfg = ParallelConfig(activation_checkpointing=a.activation_checkpointing, compile=a.compile,
+                              pp_schedule=pipeline_schedule_name(a.pp_schedule))
+        from .distributed import is_rank0, make_distributed_trainer
+
+        summary = make_distributed_trainer(TrainConfig(**values), dims=dims, pcfg=pcfg).run()
+    except LayoutError:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 2
+        raise
+    if not is_rank0():
+        return int(summary.get("exit_code", 0))
     print(json.dumps(summary))
     return int(summary.get("exit_code", 0))
 
@@ -181,7 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dp-shard", type=int, default=-1, help="FSDP2 shards (-1: world / (cp*tp*pp))")
     t.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     t.add_argument("--cp", type=int, default=1, help="context-parallel ranks (shard each row)")
-    t.add_argument("--pp", type=int, default=1, help="pipeline stages (not wired into train yet)")
+    t.add_argument("--pp", type=int, default=1, help="pipeline stages (decoder layers split evenly; "
+                                                     "each row of a step is one micro-batch)")
+    t.add_argument("--pp-schedule", default="1f1b", type=str.lower, choices=["gpipe", "1f1b"],
+                   help="pipeline schedule (1f1b needs at least --pp rows per step per pipeline)")
     t.add_argument("--compile", action="store_true", help="torch.compile each block")
     t.set_defaults(func=cmd_train)
 

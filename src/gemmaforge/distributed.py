@@ -198,7 +198,7 @@ def _trainer_class():
     from .train import Trainer
 
     class DistributedTrainer(Trainer):
-        """``Trainer`` under torchrun with a parallel layout (FSDP2 / TP / CP; PP via ``Pipeline`` is not wired here).
+        """``Trainer`` under torchrun with a parallel layout (FSDP2 / TP / CP / PP and their products).
 
         Same loop and numerics as one process: every rank draws the SAME global rows for a step
         from the shared ``RowStream`` (so the data position is layout-independent and resumable at
@@ -207,6 +207,12 @@ def _trainer_class():
         gradients, clipping and the finite check are global. Rank 0 alone logs, writes metrics,
         plots and the final HF export; checkpoints are DCP directories (``checkpoint/dcp.py``)
         written by every rank.
+
+        Pipeline parallelism (``pp > 1``): each rank builds only its stage (``Pipeline``), every
+        packed row of its data-parallel share is one pipeline micro-batch, the schedule
+        (``ParallelConfig.pp_schedule``: GPipe or 1F1B) runs forward and backward, the last stage
+        applies the chunked loss and shares the step's loss with the pipeline (so rank 0, the first
+        stage, logs the real loss). Evaluation runs the stages forward only.
         """
 
         def __init__(self, cfg, *, dims=None, pcfg=None, model=None, **kw):
@@ -216,10 +222,11 @@ def _trainer_class():
             init_distributed()
             self.dims_req = dims or ParallelDims()
             self.pcfg = pcfg or ParallelConfig(activation_checkpointing=bool(cfg.activation_checkpointing))
+            self.pipe = None
             if cfg.lora_rank:
                 raise ConfigError("--lora-rank cannot be combined with a parallel layout yet")
-            if self.dims_req.pp != 1:
-                raise ConfigError("--pp is not wired into the trainer yet (use transforms.parallel.Pipeline)")
+            cfg.validate()
+            self._check_layout(cfg)  # before any data or model is loaded: a wrong layout fails at start
             self._resume_path, cfg.resume = cfg.resume, None  # resumed after the optimizer is rebuilt
             if not is_rank0():
                 cfg.progress = False
@@ -237,6 +244,25 @@ def _trainer_class():
             if self._resume_path:
                 cfg.resume = self._resume_path
                 self._resume(self._resume_path)
+
+        def _check_layout(self, cfg):
+            """World size, divisibility and pipeline constraints: one-line LayoutError on every rank."""
+            from .transforms.parallel import LayoutError, pipeline_schedule_name
+
+            d = self.dims_req.validate(get_world_size(), seq_len=cfg.seq_len)
+            rows = cfg.accum * cfg.micro_batch_rows
+            if rows % d.dp_shard:
+                raise LayoutError(f"parallel layout: {rows} rows per step (--batch-tokens {cfg.batch_tokens} / "
+                                  f"--seq-len {cfg.seq_len}) is not divisible by dp_shard={d.dp_shard}")
+            if d.pp > 1:
+                sched = pipeline_schedule_name(self.pcfg.pp_schedule)
+                n_mb = rows // d.dp_shard
+                if sched == "1F1B" and n_mb < d.pp:
+                    raise LayoutError(
+                        f"parallel layout: the 1F1B schedule needs at least pp={d.pp} micro-batches per step, but "
+                        f"each pipeline gets {n_mb} row(s) (--batch-tokens {cfg.batch_tokens} / --seq-len "
+                        f"{cfg.seq_len} / dp_shard {d.dp_shard}); raise --batch-tokens or use --pp-schedule gpipe")
+            return d
 
         # ---- setup ----
         def _prepare_out(self):
@@ -258,7 +284,8 @@ def _trainer_class():
             return Path(value)
 
         def _load_model(self, model):
-            from .transforms.parallel import build_meta_model, materialize, parallelize
+            from .transforms.parallel import (ContextParallel, Pipeline, build_meta_model, materialize, parallel_state,
+                                              parallelize)
 
             if model is None and is_rank0():
                 from .api import from_pretrained
@@ -271,23 +298,22 @@ def _trainer_class():
             mesh = self.dims.build_mesh(self.device.type)
             full = {k: v.detach().cpu() for k, v in model.state_dict().items()} if is_rank0() else {}
             meta = build_meta_model(cfgs[0])
+            if self.dims.pp > 1:  # cut the meta model down to this rank's stage first
+                n_mb = self.cfg.accum * self.cfg.micro_batch_rows // self.dims.dp_shard
+                self.pipe = Pipeline(meta, mesh, self.pcfg.pp_schedule, n_microbatches=n_mb,
+                                     chunk_size=self.cfg.loss_chunk_size)
+                meta = self.pipe.module
             parallelize(meta, mesh, self.pcfg)
-            materialize(meta, self.device, state_dict=full)
+            materialize(meta, self.device, state_dict=full, broadcast=True)
             del model, full
             meta.train()
             meta.attn_backend = self.cfg.attn_backend
-            from .transforms.parallel import ContextParallel, parallel_state
-
             self.pstate = parallel_state(meta)
             self.cp = ContextParallel(mesh["cp"]) if self.dims.cp > 1 else None
             self.log(f"parallel: {self.dims.describe()} on {get_world_size()} processes "
                      f"({', '.join(self.pstate.applied) or 'nothing to apply'})")
-            need = self.cfg.accum * self.cfg.micro_batch_rows
-            if need % self.dims.dp_shard:
-                from .errors import ConfigError
-
-                raise ConfigError(f"parallel layout: {need} rows per step (--batch-tokens / --seq-len) "
-                                  f"is not divisible by dp_shard={self.dims.dp_shard}")
+            if self.pipe is not None:
+                self.log(f"parallel: {self.pipe.describe()} (rank 0's stage)")
             return meta
 
         def _apply_transforms(self):  # done by parallelize (TP -> AC -> compile -> FSDP)
@@ -310,28 +336,51 @@ def _trainer_class():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 return self.cp.loss_sum(self.model, b, chunk_size=self.cfg.loss_chunk_size)
 
-        def train_step(self) -> dict:
-            import time as _time
-
-            from .transforms.parallel import clip_grad_norm_, grads_finite
-
+        def _forward_backward(self):
+            """Data/tensor/context parallel: this rank's micro-batches. Returns (loss, valid tokens, tokens)."""
             st = self.pstate
             batches = self._micro_batches()
             n_valid = all_reduce_sum(sum(int(b["num_valid_labels"]) for b in batches), st.dp_group)
             n_tokens = all_reduce_sum(sum(int(b["input_ids"].numel()) for b in batches), st.dp_group)
-            t0 = _time.perf_counter()
             total = 0.0
             for b in batches:
                 loss = self._loss_sum(b) / max(n_valid, 1)
                 loss.backward()
                 total += float(loss.detach())
-            total = all_reduce_sum(total, st.loss_group)
+            return all_reduce_sum(total, st.loss_group), n_valid, n_tokens
+
+        def _pipeline_forward_backward(self):
+            """Pipeline parallel: this pipeline's rows, one micro-batch each, through the schedule."""
+            from .transforms.parallel import pipeline_batch
+
+            cfg, st = self.cfg, self.pstate
+            rows = [self.stream.next() for _ in range(cfg.accum * cfg.micro_batch_rows)]  # the global step
+            ids, doc, labels, mine_valid = pipeline_batch(shard_items(rows, st.dp_rank, self.dims.dp_shard))
+            n_valid = all_reduce_sum(mine_valid, st.dp_group)
+            n_tokens = all_reduce_sum(int(ids.numel()), st.dp_group)
+            dev = self.device
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self.pipe.step(ids.to(dev), doc.to(dev), labels.to(dev), n_valid)
+            self.pipe.sync_tied_grads()
+            return all_reduce_sum(loss, st.dp_group), n_valid, n_tokens
+
+        def train_step(self) -> dict:
+            import time as _time
+
+            from .transforms.parallel import clip_grad_norm_, grads_finite
+
+            t0 = _time.perf_counter()
+            if self.pipe is None:
+                total, n_valid, n_tokens = self._forward_backward()
+            else:
+                total, n_valid, n_tokens = self._pipeline_forward_backward()
             ok = math.isfinite(total) and grads_finite(self.params)
             row = {"step": self.step + 1, "loss": total, "lr": self.scheduler.get_last_lr()[0], "tokens": n_tokens,
                    "valid_tokens": n_valid}
             if ok:
                 if self.cfg.clip > 0:
-                    row["grad_norm"] = float(clip_grad_norm_(self.params, self.cfg.clip))
+                    owner = self.pipe.owner_factor if self.pipe is not None else None
+                    row["grad_norm"] = float(clip_grad_norm_(self.params, self.cfg.clip, extra_owner_factor=owner))
                 self.optimizer.step()
                 self.bad_in_a_row = 0
             else:
@@ -361,10 +410,19 @@ def _trainer_class():
             was = self.model.training
             self.model.eval()
             total, n = 0.0, 0
-            for r in shard_items(self.val_rows, self.pstate.dp_rank, self.dims.dp_shard):
-                b = collate_rows([r])
-                total += float(self._loss_sum(b))
-                n += int(b["num_valid_labels"])
+            mine = shard_items(self.val_rows, self.pstate.dp_rank, self.dims.dp_shard)
+            if self.pipe is not None and mine:  # every pipeline gets the same number of rows
+                from .transforms.parallel import pipeline_batch
+
+                ids, doc, labels, n = pipeline_batch(mine)
+                dev = self.device
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    total = self.pipe.eval_loss_sum(ids.to(dev), doc.to(dev), labels.to(dev))
+            elif self.pipe is None:
+                for r in mine:
+                    b = collate_rows([r])
+                    total += float(self._loss_sum(b))
+                    n += int(b["num_valid_labels"])
             self.model.train(was)
             total = all_reduce_sum(total, self.pstate.loss_group)
             n = all_reduce_sum(n, self.pstate.dp_group)
@@ -408,8 +466,18 @@ def _trainer_class():
             if not cands:
                 raise CheckpointError(f"--resume {p}: no complete distributed checkpoint found")
             ckpt = cands[-1]
+            hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
             extra = load_distributed(ckpt, self.model, self.optimizer)
             self.scheduler.load_state_dict(extra["scheduler"])
+            # DCP stores ONE copy of the optimizer's param_groups (keyed by group index), naming only
+            # the writing rank's parameters. Pipeline stages hold different parameters, so on the
+            # other stages the loaded groups lose their hyperparameters (the per-parameter state,
+            # keyed by name, loads fine): put back this run's hyperparameters and the learning rate
+            # in force at the save point.
+            for group, h, lr in zip(self.optimizer.param_groups, hyper, self.scheduler.get_last_lr()):
+                for k, v in h.items():
+                    group.setdefault(k, v)
+                group["lr"] = lr
             self.step = int(extra["step"])
             ds = extra["data_state"]
             self.stream = RowStream(self.train_rows, self.cfg.seed, ds["epoch"], ds["cursor"])

@@ -21,6 +21,14 @@ The LM head runs in chunks of ``chunk_size`` positions (:func:`gemmaforge.loss.c
 the ``[T, vocab]`` logits never exist, in the forward or the backward pass. Final logit
 soft-capping (``config.final_logit_softcapping``) is applied before ``/ temperature``, as the
 model's own logits and HF sampling do.
+
+Parallel layouts (``gemmaforge.transforms.parallel.parallelize``): ``score`` works unchanged on an
+FSDP2- and/or TP-sharded model (tests/test_distributed.py checks both against one process, values
+and gradients). Under FSDP2 each data-parallel rank scores its OWN rows and the gradients are
+SUMMED over those ranks (``parallelize`` sets FSDP's divide factor to 1), so a policy loss should
+be divided by the global count of valid tokens (``policy_loss(..., num_tokens=global_count)``,
+the count all-reduced over the data-parallel group); under TP every rank of a TP group passes the
+same rows.
 """
 
 from __future__ import annotations

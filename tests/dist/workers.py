@@ -103,16 +103,17 @@ def train_single(steps: int = STEPS, seed: int = 0, rows=None, attn_backend: str
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def build_parallel(layout: dict, seed: int = 0, init: str = "load", ac: bool = False, attn_backend=None):
+def build_parallel(layout: dict, seed: int = 0, init: str = "load", ac: bool = False, attn_backend=None,
+                   config_over: dict | None = None, pcfg: dict | None = None):
     """Meta-build the tiny model, parallelize with ``layout`` (ParallelDims kwargs), materialise it."""
     from gemmaforge.transforms.parallel import ParallelConfig, ParallelDims, build_meta_model, materialize, parallelize
 
     dims = ParallelDims(**layout)
     mesh = dims.build_mesh("cpu")
-    model = build_meta_model(tiny_config())
-    parallelize(model, mesh, ParallelConfig(activation_checkpointing=ac))
+    model = build_meta_model(tiny_config(**(config_over or {})))
+    parallelize(model, mesh, ParallelConfig(activation_checkpointing=ac, **(pcfg or {})))
     if init == "load":
-        sd = initial_state(seed) if dist.get_rank() == 0 else {}
+        sd = initial_state(seed, **(config_over or {})) if dist.get_rank() == 0 else {}
         materialize(model, "cpu", state_dict=sd)
     else:
         materialize(model, "cpu", seed=seed)
@@ -332,12 +333,128 @@ def run_trainer_single(out: str, **over):
     return summary, read_metrics(f"{out}/metrics.jsonl")
 
 
-def run_trainer_parallel(rank: int, world: int, out: str, layout: dict, over: dict):
-    from gemmaforge.distributed import make_distributed_trainer
-    from gemmaforge.train import TrainConfig, read_metrics
-    from gemmaforge.transforms.parallel import ParallelDims
+def run_trainers(rank: int, world: int, specs: list):
+    """Several DistributedTrainer runs one after the other in ONE process group (one launch).
 
-    cfg, kw = trainer_kwargs(out, **over)
-    summary = make_distributed_trainer(TrainConfig(**cfg), dims=ParallelDims(**layout),
-                                       model=trainer_model() if rank == 0 else None, **kw).run()
-    return (summary, read_metrics(f"{out}/metrics.jsonl")) if rank == 0 else None
+    ``specs``: dicts with ``out``, ``layout`` (ParallelDims kwargs), ``over`` (TrainConfig overrides, e.g.
+    ``resume``) and optionally ``pcfg`` (ParallelConfig kwargs). Rank 0 returns each run's
+    ``(summary, metrics rows, logged lines)``; a run that raises a ConfigError (on every rank)
+    returns ``("error", message)``.
+    """
+    from gemmaforge.distributed import make_distributed_trainer
+    from gemmaforge.errors import ConfigError
+    from gemmaforge.train import TrainConfig, read_metrics
+    from gemmaforge.transforms.parallel import ParallelConfig, ParallelDims
+
+    results = []
+    for spec in specs:
+        cfg, kw = trainer_kwargs(spec["out"], **spec.get("over", {}))
+        log: list = []
+        kw["log"] = log.append
+        pcfg = ParallelConfig(**spec["pcfg"]) if spec.get("pcfg") else None
+        try:
+            trainer = make_distributed_trainer(TrainConfig(**cfg), dims=ParallelDims(**spec["layout"]), pcfg=pcfg,
+                                               model=trainer_model() if rank == 0 else None, **kw)
+        except ConfigError as e:
+            results.append(("error", str(e)))
+            continue
+        summary = trainer.run()
+        results.append((summary, read_metrics(f"{spec['out']}/metrics.jsonl"), log) if rank == 0 else None)
+        del trainer
+    return results if rank == 0 else None
+
+
+# ----------------------------------------------------------------------------- scoring and mixed precision
+
+SCORE_CAP = 5.0  # final logit soft-capping for the scoring checks (Gemma 3 has none by default)
+SCORE_TEMPERATURE = 0.7
+
+
+def score_inputs(seed: int = 0):
+    """Two packed rows (``ids [T]``, ``cu_seqlens``) and per-token weights of a scalar objective for each."""
+    rows = make_rows(seed)[:2]
+    g = torch.Generator().manual_seed(seed + 7)
+    out = []
+    for r in rows:
+        w_lp, w_ent = torch.randn(2, r.seq_len, generator=g) / r.seq_len
+        out.append((r.input_ids, r.cu_seqlens, w_lp, w_ent))
+    return out
+
+
+def score_rows(model, which):
+    """``score`` of the rows ``which`` (no grad), then the gradients of their summed weighted objective.
+
+    Returns ``([(logprobs, entropy, valid) per row], {name: full gradient})``.
+    """
+    from gemmaforge.score import score
+
+    inputs = score_inputs()
+    kw = dict(temperature=SCORE_TEMPERATURE, return_entropy=True, chunk_size=7)
+    per_row = []
+    with torch.no_grad():
+        for i in which:
+            ids, cu, _, _ = inputs[i]
+            o = score(model, ids, cu, **kw)
+            per_row.append((o.logprobs, o.entropy, o.valid))
+    for i in which:
+        ids, cu, w_lp, w_ent = inputs[i]
+        o = score(model, ids, cu, **kw)
+        ((o.logprobs * w_lp).sum() + (o.entropy * w_ent).sum()).backward()
+    grads = {n: _full(p.grad).detach().clone() for n, p in model.named_parameters()}
+    return per_row, grads
+
+
+def score_and_mixed_precision(rank: int, world: int):
+    """One launch, several checks (each layout builds its own meshes):
+
+    * ``score`` under FSDP2 x 2 (each rank scores its own row) and under TP x 2 (soft-capped logits,
+      temperature): per-token log-probs, entropies and the gradients of a weighted sum, for
+      comparison with one process (every rank returns its results);
+    * one FSDP2 x 2 training step with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32):
+      loss, full fp32 gradients, the dtypes of the stored (sharded) parameters and gradients, and
+      the largest weight change of the optimizer step.
+    """
+    from gemmaforge.data import collate_rows
+    from gemmaforge.distributed import all_reduce_sum, shard_items
+    from gemmaforge.transforms.parallel import clip_grad_norm_, parallel_state
+
+    out = {}
+    # FSDP: data parallel, rank r scores row r (FSDP sums the gradients); TP: every rank scores both rows
+    for name, layout, which in [("fsdp", dict(dp_shard=2), [rank]), ("tp", dict(dp_shard=1, tp=2), [0, 1])]:
+        model, _ = build_parallel(layout, config_over=dict(final_logit_softcapping=SCORE_CAP))
+        model.eval()
+        out[name] = score_rows(model, which)
+        del model
+
+    model, _ = build_parallel(dict(dp_shard=2), pcfg=dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    st = parallel_state(model)
+    opt = _optimizer(model)
+    before = {n: _full(p).detach().clone() for n, p in model.named_parameters()}
+    mine = shard_items(make_rows(0)[:ROWS_PER_STEP], st.dp_rank, st.dims.dp_shard)
+    batches = [collate_rows([r]) for r in mine]
+    n_valid = all_reduce_sum(sum(b["num_valid_labels"] for b in batches), st.dp_group)
+    total = 0.0
+    for b in batches:
+        loss = _loss_sum(model, b) / n_valid
+        loss.backward()
+        total += float(loss.detach())
+    total = all_reduce_sum(total, st.loss_group)
+    dtypes = {(_local_dtype(p), _local_dtype(p.grad)) for p in model.parameters()}
+    grads = {n: _full(p.grad).detach().clone() for n, p in model.named_parameters()}
+    clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    moved = max((_full(p).detach() - before[n]).abs().max().item() for n, p in model.named_parameters())
+    out["mixed_precision"] = dict(loss=total, grads=grads, dtypes=dtypes, moved=moved)
+    return out
+
+
+def _local_dtype(t):
+    return (t.to_local() if hasattr(t, "to_local") else t).dtype
+
+
+def score_single():
+    """The one-process reference of ``score_and_mixed_precision``'s scoring checks."""
+    import gemmaforge
+
+    model = gemmaforge.from_config(tiny_config(final_logit_softcapping=SCORE_CAP), seed=0).eval()
+    return score_rows(model, [0, 1])

@@ -35,7 +35,8 @@ hold different tokens, so their gradients are reduced like data-parallel ones). 
 SUMMED (divide factor 1): the trainer's loss is already ``sum over valid tokens / global valid
 tokens``, so summing per-rank gradients gives exactly the single-process gradient.
 
-Context parallelism (``ContextParallel``) and pipeline parallelism (``build_pipeline``) are below.
+Context parallelism (``ContextParallel``) and pipeline parallelism (``Pipeline``: stages split on
+layer boundaries, GPipe / 1F1B schedules from ``torch.distributed.pipelining``) are below.
 """
 
 from __future__ import annotations
@@ -52,6 +53,21 @@ from torch import nn
 from ..errors import ConfigError
 
 DIM_NAMES = ("pp", "dp_shard", "cp", "tp")
+PP_SCHEDULES = ("GPipe", "1F1B")
+
+
+class LayoutError(ConfigError):
+    """A bad parallel layout. Decided from the command line, the world size and the model config
+    alone, so every rank raises the same one-line error (the CLI prints it on rank 0 only)."""
+
+
+def pipeline_schedule_name(name: str) -> str:
+    """``"gpipe"`` / ``"1f1b"`` (any case) -> the canonical ``"GPipe"`` / ``"1F1B"``; LayoutError otherwise."""
+    for s in PP_SCHEDULES:
+        if str(name).lower() == s.lower():
+            return s
+    raise LayoutError(f"parallel layout: --pp-schedule must be one of {', '.join(x.lower() for x in PP_SCHEDULES)} "
+                      f"(got {name!r})")
 
 
 # ============================================================================= layout
@@ -70,15 +86,15 @@ class ParallelDims:
         for name in ("cp", "tp", "pp"):
             v = getattr(d, name)
             if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"parallel layout: --{name.replace('_', '-')} must be a positive integer (got {v!r})")
+                raise LayoutError(f"parallel layout: --{name.replace('_', '-')} must be a positive integer (got {v!r})")
         if d.dp_shard == -1:
             rest = d.cp * d.tp * d.pp
             if world_size % rest:
-                raise ConfigError(f"parallel layout: cp={d.cp} x tp={d.tp} x pp={d.pp} = {rest} does not divide "
+                raise LayoutError(f"parallel layout: cp={d.cp} x tp={d.tp} x pp={d.pp} = {rest} does not divide "
                                   f"the world size {world_size}")
             d.dp_shard = world_size // rest
         elif not isinstance(d.dp_shard, int) or d.dp_shard < 1:
-            raise ConfigError(f"parallel layout: --dp-shard must be a positive integer or -1 (got {d.dp_shard!r})")
+            raise LayoutError(f"parallel layout: --dp-shard must be a positive integer or -1 (got {d.dp_shard!r})")
         return d
 
     @property
@@ -96,7 +112,7 @@ class ParallelDims:
         """Resolve ``-1`` and check the layout against the world size and the model; one-line ConfigError."""
         d = self.resolved(world_size)
         if d.world_size != world_size:
-            raise ConfigError(f"parallel layout {d.describe()} needs {d.world_size} processes, "
+            raise LayoutError(f"parallel layout {d.describe()} needs {d.world_size} processes, "
                               f"but the world size is {world_size}")
         c = model_config
         if c is not None:
@@ -104,12 +120,15 @@ class ParallelDims:
             for key, n in checks:
                 v = getattr(c, key, None)
                 if v is not None and n > 1 and v % n:
-                    raise ConfigError(f"parallel layout: tp={n} does not divide {key}={v}")
+                    raise LayoutError(f"parallel layout: tp={n} does not divide {key}={v}")
             layers = getattr(c, "num_hidden_layers", None)
             if layers is not None and d.pp > layers:
-                raise ConfigError(f"parallel layout: pp={d.pp} is more stages than the {layers} decoder layers")
+                raise LayoutError(f"parallel layout: pp={d.pp} is more stages than the {layers} decoder layers")
+        if d.pp > 1 and d.cp > 1:
+            raise LayoutError(f"parallel layout: pipeline parallelism (pp={d.pp}) cannot be combined with context "
+                              f"parallelism (cp={d.cp})")
         if seq_len is not None and d.cp > 1 and seq_len % d.cp:
-            raise ConfigError(f"parallel layout: cp={d.cp} does not divide --seq-len {seq_len}")
+            raise LayoutError(f"parallel layout: cp={d.cp} does not divide --seq-len {seq_len}")
         return d
 
     def build_mesh(self, device_type: str = "cpu"):
@@ -118,7 +137,7 @@ class ParallelDims:
         from torch.distributed.device_mesh import init_device_mesh
 
         if not dist.is_initialized():
-            raise ConfigError("parallel layout: torch.distributed is not initialised (run under torchrun)")
+            raise LayoutError("parallel layout: torch.distributed is not initialised (run under torchrun)")
         d = self.validate(dist.get_world_size())
         mesh = init_device_mesh(device_type, (d.pp, d.dp_shard, d.cp, d.tp), mesh_dim_names=DIM_NAMES)
         mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
@@ -134,6 +153,8 @@ def mesh_dims(mesh) -> ParallelDims:
 class ParallelConfig:
     activation_checkpointing: bool | int = False  # True / k: checkpoint every k-th block (True = every block)
     compile: bool = False  # torch.compile each decoder block
+    compile_backend: str | None = None  # torch.compile backend (None: inductor; "aot_eager" for quick CPU tests)
+    pp_schedule: str = "1F1B"  # pipeline schedule when pp > 1: "GPipe" or "1F1B" (any case)
     fsdp: bool = True  # shard with FSDP2 when dp_shard x cp > 1
     reshard_after_forward: bool | None = None  # None: blocks reshard, the root keeps its params
     param_dtype: torch.dtype | None = None  # FSDP mixed precision (e.g. torch.bfloat16); None = as stored
@@ -287,6 +308,22 @@ def apply_fsdp(model: nn.Module, fsdp_mesh, cfg: ParallelConfig) -> nn.Module:
     return model
 
 
+# ============================================================================= torch.compile
+
+def compile_blocks(model: nn.Module, backend: str | None = None, **kw) -> nn.Module:
+    """``torch.compile`` every decoder block in place (``nn.Module.compile``: names and parameters unchanged).
+
+    Per block, not the whole model: the blocks are where the FLOPs are, one compiled graph serves
+    every block of a layer type, and FSDP2 / activation checkpointing keep working on the same
+    block boundaries. ``backend=None`` is inductor.
+    """
+    from .checkpointing import decoder_layers
+
+    for _, layer in decoder_layers(model):
+        layer.compile(backend=backend or "inductor", **kw)
+    return model
+
+
 # ============================================================================= the entry point
 
 def parallelize(model: nn.Module, mesh_or_dims, config: ParallelConfig | None = None) -> nn.Module:
@@ -318,11 +355,8 @@ def parallelize(model: nn.Module, mesh_or_dims, config: ParallelConfig | None = 
         apply_activation_checkpointing(model, every=every)
         state.applied.append(f"activation_checkpointing(every={every})")
     if cfg.compile:
-        from .checkpointing import decoder_layers
-
-        for _, layer in decoder_layers(model):
-            layer.compile()
-        state.applied.append("compile(per block)")
+        compile_blocks(model, backend=cfg.compile_backend)
+        state.applied.append(f"compile(per block, {cfg.compile_backend or 'inductor'})")
     if cfg.fsdp and dims.fsdp_size > 1:
         apply_fsdp(model, mesh["dp_shard_cp"], cfg)
         state.applied.append(f"fsdp2(dp_shard x cp = {dims.fsdp_size})")
@@ -356,9 +390,9 @@ def _param_seed(seed: int, name: str) -> int:
 
 
 def canonical_name(model: nn.Module, name: str) -> str:
-    """A parameter's name in the full model: a pipeline's last stage holds the tied LM head as its own
-    copy of the embedding (``lm_head.weight``), which is ``model.embed_tokens.weight`` for init,
-    loading and optimizer grouping (no weight decay on embeddings)."""
+    """A parameter's name in the full model (init seeds, loading, optimizer grouping). A tied LM head
+    is ``model.embed_tokens.weight`` (pipeline stages keep the tie, so ``named_parameters`` already
+    reports that name; a module that holds the head weight untied is mapped here)."""
     if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
         return "model.embed_tokens.weight"
     return name
@@ -384,8 +418,11 @@ def materialize(model: nn.Module, device: str | torch.device = "cpu", *, seed: i
       elsewhere; ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`` sends
       each tensor and every rank keeps its shard.
     * ``state_dict`` with ``broadcast=False``: every rank holds the full dict (e.g. each read the
-      checkpoint file) and copies its own shard of each parameter; no communication (pipeline
-      stages, whose parameter sets differ, must use this).
+      checkpoint file) and copies its own shard of each parameter; no communication (the default
+      for pipeline stages).
+    * a pipeline stage with ``broadcast=True``: rank 0 alone holds the full dict and sends it one
+      tensor at a time; every rank copies its shard of the tensors its stage holds (peak extra
+      memory: the largest single tensor).
     * otherwise random init with the model's own ``init_weights`` rule, one parameter at a time,
       each generated full-size from its own generator seeded by ``(seed, parameter name)``: every
       layout (FSDP, TP, PP, one process) gets exactly the same weights. Peak extra memory: the
@@ -396,6 +433,9 @@ def materialize(model: nn.Module, device: str | torch.device = "cpu", *, seed: i
     is_stage = getattr(model, "_gf_pp_stage", None) is not None
     if broadcast is None:
         broadcast = dist.is_initialized() and not is_stage
+    if state_dict is not None and broadcast and is_stage:
+        _load_stage_from_rank0(model, state_dict)
+        return model
     if state_dict is not None and broadcast:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -423,6 +463,41 @@ def materialize(model: nn.Module, device: str | torch.device = "cpu", *, seed: i
         local = _local_shard_of(full, p)
         _local(p).copy_(local.to(p.device))
     return model
+
+
+@torch.no_grad()
+def _load_stage_from_rank0(model: nn.Module, state_dict: dict) -> None:
+    """Broadcast rank 0's full ``state_dict`` tensor by tensor; each rank keeps what its (sharded) stage holds."""
+    from ..errors import CheckpointError
+
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    meta = [None]
+    if dist.get_rank() == 0:
+        meta = [[(k, tuple(v.shape), v.dtype) for k, v in state_dict.items() if not (tied and k == "lm_head.weight")]]
+    dist.broadcast_object_list(meta, src=0)
+    targets = {canonical_name(model, n): p for n, p in model.named_parameters()}
+    persistent = set(model.state_dict().keys())
+    targets.update({n: b for n, b in model.named_buffers() if n in persistent})
+    first = next(iter(targets.values()), None)
+    comm = first.device if first is not None and dist.get_backend() == "nccl" else torch.device("cpu")
+    if dist.get_backend() == "nccl" and comm.type != "cuda":
+        comm = torch.device("cuda", torch.cuda.current_device())
+    done = set()
+    for key, shape, dtype in meta[0]:
+        if dist.get_rank() == 0:
+            t = state_dict[key].detach().to(device=comm, dtype=dtype).contiguous()
+        else:
+            t = torch.empty(shape, dtype=dtype, device=comm)
+        dist.broadcast(t, src=0)
+        p = targets.get(key)
+        if p is not None:
+            if tuple(p.shape) != shape:
+                raise CheckpointError(f"state dict tensor {key!r} has shape {list(shape)}, the model {list(p.shape)}")
+            _local(p).copy_(_local_shard_of(t.to(p.dtype), p).to(_local(p).device))
+            done.add(key)
+    missing = sorted(set(targets) - done)
+    if missing:
+        raise CheckpointError(f"state dict has no tensor {missing[0]!r}")
 
 
 # ============================================================================= state dicts and export
@@ -707,14 +782,28 @@ def _stage_forward(self, x: torch.Tensor, doc: torch.Tensor):
     return h, doc
 
 
+def _check_splittable(model: nn.Module) -> None:
+    from ..models.base import CausalLM
+
+    own = getattr(type(model), "run_layers", None)
+    if own is not None and own is not getattr(CausalLM, "run_layers", None):
+        raise LayoutError(f"parallel layout: pipeline parallelism splits models whose blocks pass only the hidden "
+                          f"state (Gemma 3, Mistral); {type(model).__name__} is not supported with --pp")
+
+
 def build_pipeline_stage(model: nn.Module, stage: int, num_stages: int) -> nn.Module:
     """Cut ``model`` (meta or real) down to one pipeline stage, in place; parameter names unchanged.
 
     Stage ``s`` keeps decoder layers ``split_layers(...)[s]`` (their ``ModuleDict`` keys, hence
     ``model.layers.N...`` names, survive), the first stage keeps the embedding, the last the final
-    norm and the LM head. A tied head becomes the last stage's own copy of the embedding; its
-    gradient is summed with the first stage's by ``Pipeline.sync_tied_grads``.
+    norm and the LM head. With a tied head the last stage keeps the embedding MODULE too (only as
+    the head's weight: it embeds nothing), tied exactly as in the full model, so every stage's
+    names, state-dict keys and optimizer-state keys are the full model's
+    (``model.embed_tokens.weight`` + ``lm_head.weight``) and a DCP checkpoint moves between PP
+    and any other layout. The two copies' gradients are summed by ``Pipeline.sync_tied_grads``
+    (then identical AdamW updates keep them equal).
     """
+    _check_splittable(model)
     ranges = split_layers(model.config.num_hidden_layers, num_stages)
     info = StageInfo(stage, num_stages, ranges[stage])
     keep = {str(i) for i in info.layers}
@@ -725,11 +814,9 @@ def build_pipeline_stage(model: nn.Module, stage: int, num_stages: int) -> nn.Mo
     if not info.is_last:
         model.lm_head = None
         model.model.norm = None
-    elif tied and not info.is_first:
-        w = model.model.embed_tokens.weight
-        model.lm_head.weight = nn.Parameter(w.detach().clone() if not w.is_meta else torch.empty_like(w))
-    if not info.is_first:
+    if not info.is_first and not (tied and info.is_last):
         model.model.embed_tokens = None
+    _retie(model)
     object.__setattr__(model, "_gf_pp_stage", info)
     object.__setattr__(model, "forward", types.MethodType(_stage_forward, model))
     return model
@@ -739,25 +826,33 @@ class Pipeline:
     """One rank's pipeline stage and its schedule (``torch.distributed.pipelining``).
 
         model = build_meta_model(cfg)
-        pipe = Pipeline(model, mesh, schedule="1F1B", n_microbatches=4)   # splits the model
+        pipe = Pipeline(model, mesh, schedule="1f1b", n_microbatches=4)    # splits the model
         parallelize(pipe.module, mesh, ParallelConfig())                   # TP / FSDP inside the stage
-        materialize(pipe.module, "cpu", state_dict=full_sd)                 # every rank holds full_sd
+        materialize(pipe.module, "cpu", state_dict=full_sd, broadcast=True) # rank 0 holds full_sd
         loss = pipe.step(input_ids, doc, labels, n_valid)                   # forward + backward
-        pipe.sync_tied_grads(); clip_grad_norm_(...) ; opt.step()
+        pipe.sync_tied_grads(); clip_grad_norm_(..., extra_owner_factor=pipe.owner_factor); opt.step()
+        val_sum = pipe.eval_loss_sum(input_ids, doc, labels)               # forward only (GPipe)
 
     ``input_ids``/``doc``/``labels``: ``[n_microbatches, T]`` (one packed row per micro-batch; ``doc``
     the per-token segment ids from ``row_segments``). The loss of micro-batch ``i`` is its chunked
     cross-entropy sum divided by ``n_valid`` (the step's global valid-token count), so gradients are
     not rescaled by the schedule (``scale_grads=False``). Returns the step's loss on every rank.
+
+    Schedules: ``"GPipe"`` (all forwards, then all backwards) and ``"1F1B"`` (one forward, one
+    backward: at most ``pp`` micro-batches of activations alive; needs ``n_microbatches >= pp``).
     """
 
-    SCHEDULES = ("GPipe", "1F1B")
+    SCHEDULES = PP_SCHEDULES
 
     def __init__(self, model: nn.Module, mesh, schedule: str = "1F1B", n_microbatches: int = 1,
                  chunk_size: int = 1024):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         dims = mesh_dims(mesh)
+        schedule = pipeline_schedule_name(schedule)
+        if schedule == "1F1B" and n_microbatches < dims.pp:
+            raise LayoutError(f"parallel layout: the 1F1B schedule needs at least pp={dims.pp} micro-batches per "
+                              f"step, got {n_microbatches}")
         self.mesh = mesh
         self.pp_mesh = mesh["pp"]
         self.pp_group = self.pp_mesh.get_group()
@@ -769,13 +864,22 @@ class Pipeline:
         self.chunk_size = chunk_size
         self.n_microbatches = n_microbatches
         self.dtype = None  # activation dtype between stages (None: the parameters' dtype)
-        if schedule not in self.SCHEDULES:
-            raise ConfigError(f"pipeline schedule must be one of {', '.join(self.SCHEDULES)} (got {schedule!r})")
         self._schedule_name = schedule
         self._schedule_cls = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B}[schedule]
+        self._gpipe_cls = ScheduleGPipe
         self._stage_cls = PipelineStage
         self._schedule = None
+        self._eval_schedules: dict = {}
         self._tied_group = self._make_tied_group()
+
+    @property
+    def schedule(self) -> str:
+        return self._schedule_name
+
+    def describe(self) -> str:
+        r = self.info.layers
+        return (f"pipeline {self._schedule_name}, stage {self.info.index + 1}/{self.num_stages} "
+                f"(layers {r.start}-{r.stop - 1}), {self.n_microbatches} micro-batches per step")
 
     def _make_tied_group(self):
         """A 2-rank group (first stage, last stage) per pipeline, for the tied embedding/head."""
@@ -799,43 +903,61 @@ class Pipeline:
                                      softcap=getattr(m.config, "final_logit_softcapping", None),
                                      chunk_size=self.chunk_size, reduction="sum") / self.n_valid
 
-    def _build(self, seq_len: int):
+    def _build(self, seq_len: int, n_microbatches: int, schedule_cls, training: bool):
         # static shapes (one packed row of seq_len tokens per micro-batch): no metadata inference,
         # which would run the stage on meta tensors (our cu_seqlens checks need real values)
         p = next(self.module.parameters())
         dev, dt = p.device, self.dtype or p.dtype
         H = self.module.config.hidden_size
         ids = torch.empty(1, seq_len, dtype=torch.long, device="meta")
-        hid = torch.empty(1, seq_len, H, dtype=dt, device="meta", requires_grad=torch.is_grad_enabled())
+        hid = torch.empty(1, seq_len, H, dtype=dt, device="meta", requires_grad=training)
         inputs = (ids, ids) if self.info.is_first else (hid, ids)
         outputs = hid if self.info.is_last else (hid, ids)
         stage = self._stage_cls(self.module, self.pp_rank, self.num_stages, dev, input_args=inputs,
                                 output_args=outputs, group=self.pp_group)
-        self._schedule = self._schedule_cls(stage, self.n_microbatches, loss_fn=self._loss, scale_grads=False)
+        return schedule_cls(stage, n_microbatches, loss_fn=self._loss, scale_grads=False)
 
-    def step(self, input_ids: torch.Tensor, doc: torch.Tensor, labels: torch.Tensor, n_valid: int) -> float:
-        if self._schedule is None:
-            self._build(input_ids.shape[-1])
-        self.n_valid = max(int(n_valid), 1)
+    def _run(self, fn, input_ids, doc, labels) -> float:
         losses: list = []
         if self.info.is_first:
-            self._schedule.step(input_ids, doc, target=labels if self.info.is_last else None,
-                                losses=losses if self.info.is_last else None)
+            fn(input_ids, doc, target=labels if self.info.is_last else None,
+               losses=losses if self.info.is_last else None, return_outputs=False)
         elif self.info.is_last:
-            self._schedule.step(target=labels, losses=losses)
+            fn(target=labels, losses=losses, return_outputs=False)
         else:
-            self._schedule.step()
+            fn(return_outputs=False)
         total = torch.tensor([float(sum(float(l.detach()) for l in losses))], dtype=torch.float64)
         if self.num_stages > 1:  # the last stage knows the loss: share it with the pipeline
             last = dist.get_global_rank(self.pp_group, self.num_stages - 1)
             dist.broadcast(total, src=last, group=self.pp_group)
         return total.item()
 
+    def step(self, input_ids: torch.Tensor, doc: torch.Tensor, labels: torch.Tensor, n_valid: int) -> float:
+        """Forward and backward of ``n_microbatches`` rows; the summed loss (every pipeline rank)."""
+        if input_ids.shape[0] != self.n_microbatches:
+            raise ConfigError(f"pipeline parallel: {input_ids.shape[0]} rows given, the schedule was built for "
+                              f"{self.n_microbatches} micro-batches")
+        if self._schedule is None:
+            self._schedule = self._build(input_ids.shape[-1], self.n_microbatches, self._schedule_cls, True)
+        self.n_valid = max(int(n_valid), 1)
+        return self._run(self._schedule.step, input_ids, doc, labels)
+
+    @torch.no_grad()
+    def eval_loss_sum(self, input_ids: torch.Tensor, doc: torch.Tensor, labels: torch.Tensor) -> float:
+        """Forward only (a GPipe schedule per row count): the SUM of the token losses of the rows."""
+        key = tuple(input_ids.shape)
+        if key not in self._eval_schedules:
+            self._eval_schedules[key] = self._build(key[-1], key[0], self._gpipe_cls, False)
+        saved, self.n_valid = self.n_valid, 1
+        try:
+            return self._run(self._eval_schedules[key].eval, input_ids, doc, labels)
+        finally:
+            self.n_valid = saved
+
     def tied_parameter(self):
-        m = self.module
         if self._tied_group is None:
             return None
-        return m.model.embed_tokens.weight if self.info.is_first else m.lm_head.weight
+        return self.module.model.embed_tokens.weight
 
     @torch.no_grad()
     def sync_tied_grads(self) -> None:
@@ -850,6 +972,14 @@ class Pipeline:
     def owner_factor(self, p) -> int:
         """For ``grad_norm``: the tied weight lives on two stages, count it once."""
         return 2 if p is self.tied_parameter() else 1
+
+
+def pipeline_batch(rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(input_ids, doc, labels, num_valid)`` for ``Pipeline.step`` from packed rows (one row per micro-batch)."""
+    ids = torch.stack([r.input_ids for r in rows])
+    labels = torch.stack([r.labels for r in rows])
+    doc = torch.cat([row_segments(r.cu_seqlens, r.seq_len) for r in rows])
+    return ids, doc, labels, int((labels != -100).sum())
 
 
 def row_segments(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
