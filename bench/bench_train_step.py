@@ -5,7 +5,8 @@
 Each side runs in its own fresh process (so peak resident memory is its own): two warm-up steps,
 then the median of ``--steps`` timed steps. transformers: forward with labels and use_cache=False,
 backward, AdamW step. gemmaforge: packed forward to hidden states, chunked linear+cross-entropy
-(never the [T, vocab] logits), backward, fused AdamW step, the same as its Trainer does.
+(never the [T, vocab] logits), backward, fused AdamW step, the same as its Trainer does (including ``TiedEmbeddingGrad`` and
+``keep_freed_memory_small``; ``--hf-mallopt`` gives transformers the same malloc setting).
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ def step_flops(cfg, T: int) -> float:
     return 6 * n * T + 3 * attn
 
 
-def worker(which: str, seq: int, steps: int, threads: int) -> dict:
+def worker(which: str, seq: int, steps: int, threads: int, hf_mallopt: bool = False) -> dict:
     import torch
+
+    from gemmaforge.train import keep_freed_memory_small
+
+    if which != "transformers" or hf_mallopt:
+        keep_freed_memory_small()  # what gemmaforge's Trainer does on CPU (see its docstring)
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -61,7 +67,7 @@ def worker(which: str, seq: int, steps: int, threads: int) -> dict:
     else:
         import gemmaforge
         from gemmaforge.loss import chunked_cross_entropy
-        from gemmaforge.train import param_groups
+        from gemmaforge.train import TiedEmbeddingGrad, param_groups
 
         model = gemmaforge.from_pretrained("gemma-3-270m").train()
         if which == "gemmaforge-lora":
@@ -71,11 +77,18 @@ def worker(which: str, seq: int, steps: int, threads: int) -> dict:
         opt = torch.optim.AdamW(param_groups(model, 0.0, False), lr=1e-5, fused=True)
         cu = torch.tensor([0, seq], dtype=torch.int32)
         labels = torch.cat([ids[0, 1:], torch.tensor([-100])])
+        tied = TiedEmbeddingGrad(model) if TiedEmbeddingGrad.applies(model) else None  # as the Trainer
 
         def step():
-            h = model(ids, cu_seqlens=cu, return_hidden=True)[0]
+            if tied is not None:
+                leaf = tied.leaf(ids)
+                h = model(inputs_embeds=leaf, cu_seqlens=cu, return_hidden=True)[0]
+            else:
+                h = model(ids, cu_seqlens=cu, return_hidden=True)[0]
             loss = chunked_cross_entropy(h, model.head_weight(), labels, reduction="mean", chunk_size=256)
             loss.backward()
+            if tied is not None:
+                tied.accumulate(ids, leaf)
             opt.step()
             opt.zero_grad(set_to_none=True)
             return float(loss)
@@ -101,16 +114,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--worker", default=None)
     ap.add_argument("--only", default=None, help="run one side only: gemmaforge or transformers")
+    ap.add_argument("--hf-mallopt", action="store_true",
+                    help="also give the transformers process gemmaforge's malloc setting (keep_freed_memory_small)")
     ap.add_argument("--lora", action="store_true", help="also LoRA rank 16 (all seven projections) vs full fine-tune")
     a = ap.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.worker, a.seq, a.steps, a.threads)))
+        print(json.dumps(worker(a.worker, a.seq, a.steps, a.threads, a.hf_mallopt)))
         return
     res = {}
     sides = [a.only] if a.only else ["gemmaforge", "transformers"] + (["gemmaforge-lora"] if a.lora else [])
     for which in sides:
         out = subprocess.run([sys.executable, __file__, "--worker", which, "--seq", str(a.seq), "--steps",
-                              str(a.steps), "--threads", str(a.threads)], capture_output=True, text=True)
+                              str(a.steps), "--threads", str(a.threads)] + (["--hf-mallopt"] if a.hf_mallopt else []),
+                             capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"{which} worker failed")

@@ -168,3 +168,32 @@ def test_recipe_toml_and_unknown_key(tmp_path):
     p.write_text('stepz = 7\n')
     with pytest.raises(ConfigError, match="r.toml: unknown key 'stepz'"):
         load_recipe(p)
+
+
+def test_tied_embedding_gradient_accumulated_in_place_equals_autograd(tmp_path):
+    """The Trainer's lean tied-embedding path (no second [V, H] gradient) gives the same losses and
+    weights as letting autograd sum the head's and the lookup's gradients."""
+    from gemmaforge.train import TiedEmbeddingGrad
+
+    runs = []
+    for lean in (True, False):
+        tr = make_trainer(tmp_path, name=f"lean{lean}", steps=3, micro_batch_rows=2, batch_tokens=256)
+        assert (tr.tied_grad is not None) is True
+        if not lean:
+            tr.tied_grad = None
+        losses = [tr.train_step()["loss"] for _ in range(3)]
+        runs.append((losses, {n: p.detach().clone() for n, p in tr.model.named_parameters()}))
+    (l1, w1), (l2, w2) = runs
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(l2), rtol=1e-6, atol=1e-6)
+    for n in w1:
+        torch.testing.assert_close(w1[n], w2[n], rtol=1e-6, atol=1e-6, msg=n)
+    # the padding row keeps a zero gradient, as nn.Embedding's padding_idx does
+    tr = make_trainer(tmp_path, name="pad", steps=1)
+    ids = torch.tensor([[0, 5, 0, 7]])
+    leaf = tr.tied_grad.leaf(ids)
+    leaf.grad = torch.ones_like(leaf)
+    tr.model.model.embed_tokens.weight.grad = None
+    tr.tied_grad.accumulate(ids, leaf)
+    g = tr.model.model.embed_tokens.weight.grad
+    assert g[0].abs().sum() == 0 and g[5].abs().sum() > 0
+    assert not TiedEmbeddingGrad.applies(from_config(preset("mistral-tiny")))
