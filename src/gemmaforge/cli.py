@@ -126,11 +126,11 @@ def cmd_train(a) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # torchrun: one process per rank
         return _train_distributed(a, values, world)
-    if (a.dp_shard, a.cp, a.tp, a.pp) != (-1, 1, 1, 1):  # a layout that needs torchrun: one clear line
+    if (a.dp_shard, a.cp, a.tp, a.pp, a.ep) != (-1, 1, 1, 1, 1):  # a layout that needs torchrun: one clear line
         from .transforms.parallel import LayoutError, ParallelDims
 
-        d = ParallelDims(a.dp_shard, a.cp, a.tp, a.pp)
-        n = max(d.dp_shard, 1) * d.cp * d.tp * d.pp
+        d = ParallelDims(a.dp_shard, a.cp, a.tp, a.pp, a.ep)
+        n = (max(d.dp_shard, 1) if d.dp_shard != -1 else max(d.ep, 1)) * d.cp * d.tp * d.pp
         d.validate(n)  # bad values first
         if n > 1:
             raise LayoutError(f"parallel layout {d.resolved(n).describe()} needs {n} processes: run it under "
@@ -146,7 +146,7 @@ def cmd_train(a) -> int:
 
 
 def _train_distributed(a, values: dict, world: int) -> int:
-    """``train`` under torchrun with ``--dp-shard/--tp/--cp/--pp``. A wrong layout is the same error on
+    """``train`` under torchrun with ``--dp-shard/--tp/--cp/--pp/--ep``. A wrong layout is the same error on
     every rank: rank 0 alone prints its one line (every rank exits with code 2)."""
     import os
 
@@ -154,7 +154,7 @@ def _train_distributed(a, values: dict, world: int) -> int:
     from .transforms.parallel import LayoutError, ParallelConfig, ParallelDims, pipeline_schedule_name
 
     try:
-        dims = ParallelDims(a.dp_shard, a.cp, a.tp, a.pp)
+        dims = ParallelDims(a.dp_shard, a.cp, a.tp, a.pp, a.ep)
         dims.validate(world)  # the world size alone: fails before the process group or the model
         pcfg = ParallelConfig(activation_checkpointing=a.activation_checkpointing, compile=a.compile,
                               pp_schedule=pipeline_schedule_name(a.pp_schedule))
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dp-shard", type=int, default=-1, help="FSDP2 shards (-1: world / (cp*tp*pp))")
     t.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     t.add_argument("--cp", type=int, default=1, help="context-parallel ranks (shard each row)")
+    t.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (MoE models; borrowed from --dp-shard, "
+                   "which it must divide; experts are split over them)")
     t.add_argument("--pp", type=int, default=1, help="pipeline stages (decoder layers split evenly; "
                                                      "each row of a step is one micro-batch)")
     t.add_argument("--pp-schedule", default="1f1b", type=str.lower, choices=["gpipe", "1f1b"],

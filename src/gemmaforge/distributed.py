@@ -198,7 +198,7 @@ def _trainer_class():
     from .train import Trainer
 
     class DistributedTrainer(Trainer):
-        """``Trainer`` under torchrun with a parallel layout (FSDP2 / TP / CP / PP and their products).
+        """``Trainer`` under torchrun with a parallel layout (FSDP2 / TP / CP / PP / EP and their products).
 
         Same loop and numerics as one process: every rank draws the SAME global rows for a step
         from the shared ``RowStream`` (so the data position is layout-independent and resumable at
@@ -213,6 +213,13 @@ def _trainer_class():
         (``ParallelConfig.pp_schedule``: GPipe or 1F1B) runs forward and backward, the last stage
         applies the chunked loss and shares the step's loss with the pipeline (so rank 0, the first
         stage, logs the real loss). Evaluation runs the stages forward only.
+
+        Expert parallelism (``ep > 1``, MoE models): the experts of each MoE layer are split over
+        ``ep`` contiguous dp_shard ranks (all-to-all token exchange); FSDP2 shards every other
+        parameter over all of dp_shard x cp, while the experts stay replicated over the
+        dp_shard/ep x cp ranks outside their EP group and their gradients are summed there after
+        the backward (``sync_expert_grads``). Every rank runs the same number of forwards (equal
+        data shares), as the all-to-alls require.
         """
 
         def __init__(self, cfg, *, dims=None, pcfg=None, model=None, **kw):
@@ -347,6 +354,9 @@ def _trainer_class():
                 loss = self._loss_sum(b) / max(n_valid, 1)
                 loss.backward()
                 total += float(loss.detach())
+            from .transforms.parallel import sync_expert_grads
+
+            sync_expert_grads(self.model)  # expert parallelism: sum expert grads over their replicas
             return all_reduce_sum(total, st.loss_group), n_valid, n_tokens
 
         def _pipeline_forward_backward(self):

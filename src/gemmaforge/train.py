@@ -222,6 +222,8 @@ class TiedEmbeddingGrad:
         from .models.gemma3 import Gemma3ForCausalLM
 
         emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if getattr(model, "lm_head", None) is None:  # e.g. a pipeline stage without the head
+            return False
         return (isinstance(model, Gemma3ForCausalLM) and isinstance(emb, ScaledEmbedding)
                 and model.head_weight() is emb.weight and emb.weight.requires_grad
                 and not isinstance(emb.weight.data, DTensor))

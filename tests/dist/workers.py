@@ -318,18 +318,26 @@ def sys_path_tests():
         sys.path.insert(0, p)
 
 
-def trainer_model(seed: int = 0):
+MOE_PRESET = "gemma-4-tiny-moe"  # 6 experts, top-3, 4 layers (K=V full layers): the expert-parallel runs
+
+
+def trainer_model(seed: int = 0, model: str = "gemma3"):
+    """The trainer tests' tiny model: ``"gemma3"`` (tiny Gemma 3) or ``"moe"`` (tiny Gemma 4 MoE)."""
     import gemmaforge
 
     torch.manual_seed(seed)
-    return gemmaforge.from_config(tiny_config(vocab_size=264, sliding_window=16), seed=seed).train()
+    if model == "moe":
+        cfg = gemmaforge.preset(MOE_PRESET, vocab_size=264, vocab_size_per_layer_input=264, sliding_window=16)
+    else:
+        cfg = tiny_config(vocab_size=264, sliding_window=16)
+    return gemmaforge.from_config(cfg, seed=seed).train()
 
 
-def run_trainer_single(out: str, **over):
+def run_trainer_single(out: str, model: str = "gemma3", **over):
     from gemmaforge.train import TrainConfig, Trainer, read_metrics
 
     cfg, kw = trainer_kwargs(out, **over)
-    summary = Trainer(TrainConfig(**cfg), model=trainer_model(), **kw).run()
+    summary = Trainer(TrainConfig(**cfg), model=trainer_model(model=model), **kw).run()
     return summary, read_metrics(f"{out}/metrics.jsonl")
 
 
@@ -337,7 +345,8 @@ def run_trainers(rank: int, world: int, specs: list):
     """Several DistributedTrainer runs one after the other in ONE process group (one launch).
 
     ``specs``: dicts with ``out``, ``layout`` (ParallelDims kwargs), ``over`` (TrainConfig overrides, e.g.
-    ``resume``) and optionally ``pcfg`` (ParallelConfig kwargs). Rank 0 returns each run's
+    ``resume``) and optionally ``pcfg`` (ParallelConfig kwargs) and ``model`` (``trainer_model``'s
+    choice: ``"gemma3"``, the default, or ``"moe"``). Rank 0 returns each run's
     ``(summary, metrics rows, logged lines)``; a run that raises a ConfigError (on every rank)
     returns ``("error", message)``.
     """
@@ -354,7 +363,8 @@ def run_trainers(rank: int, world: int, specs: list):
         pcfg = ParallelConfig(**spec["pcfg"]) if spec.get("pcfg") else None
         try:
             trainer = make_distributed_trainer(TrainConfig(**cfg), dims=ParallelDims(**spec["layout"]), pcfg=pcfg,
-                                               model=trainer_model() if rank == 0 else None, **kw)
+                                               model=trainer_model(model=spec.get("model", "gemma3"))
+                                               if rank == 0 else None, **kw)
         except ConfigError as e:
             results.append(("error", str(e)))
             continue

@@ -329,10 +329,12 @@ class _ExpertParallelExperts(nn.Module):
     slices); tokens stay data-parallel and their (token, expert) pairs travel to the owning rank and
     back through differentiable all-to-alls."""
 
-    def __init__(self, inner: Gemma4Experts, group):
+    def __init__(self, inner: Gemma4Experts, group, mesh=None):
         super().__init__()
         import torch.distributed as dist
 
+        if mesh is not None:
+            group = mesh["ep"].get_group()
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -344,13 +346,27 @@ class _ExpertParallelExperts(nn.Module):
         self.first_expert = lo = self.rank * self.local
         self.intermediate = inner.intermediate
         self.impl, self.pad_tolerance = inner.impl, inner.pad_tolerance
-        self.gate_up_proj = nn.Parameter(inner.gate_up_proj.detach()[lo:lo + self.local].clone())
-        self.down_proj = nn.Parameter(inner.down_proj.detach()[lo:lo + self.local].clone())
+        gu = inner.gate_up_proj.detach()[lo:lo + self.local].clone()
+        dn = inner.down_proj.detach()[lo:lo + self.local].clone()
+        rg = inner.gate_up_proj.requires_grad, inner.down_proj.requires_grad
+        if mesh is not None:  # DTensors of the global [E, ...] tensors: Shard(0) on "ep", Replicate elsewhere
+            from torch.distributed.tensor import DTensor, Replicate, Shard
+
+            places = [Shard(0) if n == "ep" else Replicate() for n in mesh.mesh_dim_names]
+            gu = DTensor.from_local(gu, mesh, places, run_check=False)
+            dn = DTensor.from_local(dn, mesh, places, run_check=False)
+        self.gate_up_proj = nn.Parameter(gu, requires_grad=rg[0])
+        self.down_proj = nn.Parameter(dn, requires_grad=rg[1])
+
+    def _weights(self):
+        """The local expert slices as plain tensors (differentiable ``to_local`` for DTensor parameters)."""
+        gu, dn = self.gate_up_proj, self.down_proj
+        return (gu.to_local() if hasattr(gu, "to_local") else gu), (dn.to_local() if hasattr(dn, "to_local") else dn)
 
     def _local_experts(self, x, index, weights):
-        impl = _pick_impl("segments" if self.impl == "reference" else self.impl, x, self.gate_up_proj)
-        return _GroupedExperts.apply(x.to(self.gate_up_proj.dtype), self.gate_up_proj, self.down_proj, weights,
-                                     index, impl, self.pad_tolerance).to(x.dtype)
+        gu, dn = self._weights()
+        impl = _pick_impl("segments" if self.impl == "reference" else self.impl, x, gu)
+        return _GroupedExperts.apply(x.to(gu.dtype), gu, dn, weights, index, impl, self.pad_tolerance).to(x.dtype)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -380,8 +396,19 @@ class _ExpertParallelExperts(nn.Module):
         return x.new_zeros(T, H).index_add_(0, tok, back)
 
 
-def apply_expert_parallel(model: nn.Module, ep_group) -> nn.Module:
+def expert_parallel_modules(model: nn.Module) -> list:
+    """The expert-parallel expert modules of ``model`` (after ``apply_expert_parallel``)."""
+    return [m for m in model.modules() if isinstance(m, _ExpertParallelExperts)]
+
+
+def apply_expert_parallel(model: nn.Module, ep_group=None, mesh=None) -> nn.Module:
     """Shard every ``Gemma4Experts`` of ``model`` across ``ep_group`` (in place; returns ``model``).
+
+    ``mesh`` (a DeviceMesh with an ``"ep"`` dim, used instead of ``ep_group``): the expert
+    parameters become DTensors of the GLOBAL ``[E, ...]`` tensors, ``Shard(0)`` on ``"ep"`` and
+    ``Replicate`` on the mesh's other dims (the data-parallel ranks outside the EP group that hold
+    the same experts), so full state dicts, DCP checkpoints and gradient norms see whole tensors.
+    Their gradients are NOT reduced across those replicas here (``parallel.sync_expert_grads``).
 
     Each rank keeps only its slice of the experts under the same names (``...experts.gate_up_proj``
     holds E/W of them, rank r the experts r*E/W ...); router, attention and dense weights stay
@@ -392,5 +419,5 @@ def apply_expert_parallel(model: nn.Module, ep_group) -> nn.Module:
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Gemma4Experts)]
     for name, m in targets:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        setattr(parent, name.rsplit(".", 1)[-1], _ExpertParallelExperts(m, ep_group))
+        setattr(parent, name.rsplit(".", 1)[-1], _ExpertParallelExperts(m, ep_group, mesh))
     return model

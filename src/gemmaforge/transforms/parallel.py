@@ -35,6 +35,18 @@ hold different tokens, so their gradients are reduced like data-parallel ones). 
 SUMMED (divide factor 1): the trainer's loss is already ``sum over valid tokens / global valid
 tokens``, so summing per-rank gradients gives exactly the single-process gradient.
 
+Expert parallelism (``ParallelDims(ep=N)``, ``--ep N``; MoE models), torchtitan's convention: EP
+borrows ``ep`` ranks from ``dp_shard`` (the world size stays ``dp_shard x cp x tp x pp``; the mesh
+splits dp_shard into ``dp_mod_ep x ep``, contiguous ranks forming an EP group). It is applied
+first: each MoE layer's experts are split over the EP group (``layers.moe.apply_expert_parallel``,
+all-to-all token exchange) and become DTensors of the global ``[E, ...]`` tensors (Shard(0) on
+``ep``, Replicate on ``dp_mod_ep`` and ``cp``), so full state dicts, HF export, DCP checkpoints
+(resumable at any other layout) and the gradient norm see whole tensors. FSDP2 shards every other
+parameter over all of ``dp_shard x cp`` and IGNORES the experts: they stay replicated over the
+``dp_shard/ep x cp`` ranks outside their EP group, whose gradients ``sync_expert_grads`` sums after
+the backward (within an EP group the all-to-all backward already gives each expert the gradient of
+every token routed to it). Not combined with TP or PP yet.
+
 Context parallelism (``ContextParallel``) and pipeline parallelism (``Pipeline``: stages split on
 layer boundaries, GPipe / 1F1B schedules from ``torch.distributed.pipelining``) are below.
 """
@@ -53,6 +65,7 @@ from torch import nn
 from ..errors import ConfigError
 
 DIM_NAMES = ("pp", "dp_shard", "cp", "tp")
+EP_DIM_NAMES = ("pp", "dp_mod_ep", "ep", "cp", "tp")  # the mesh when ep > 1 (dp_shard = dp_mod_ep x ep, flattened)
 PP_SCHEDULES = ("GPipe", "1F1B")
 
 
@@ -74,16 +87,21 @@ def pipeline_schedule_name(name: str) -> str:
 
 @dataclass
 class ParallelDims:
-    """Sizes of each parallel dimension; ``dp_shard=-1`` takes whatever the others leave."""
+    """Sizes of each parallel dimension; ``dp_shard=-1`` takes whatever the others leave.
+
+    ``ep`` (expert parallelism) borrows its ranks from ``dp_shard`` (torchtitan's convention): it
+    must divide ``dp_shard`` and does not change the world size ``dp_shard x cp x tp x pp``.
+    """
 
     dp_shard: int = -1
     cp: int = 1
     tp: int = 1
     pp: int = 1
+    ep: int = 1
 
     def resolved(self, world_size: int) -> "ParallelDims":
-        d = ParallelDims(self.dp_shard, self.cp, self.tp, self.pp)
-        for name in ("cp", "tp", "pp"):
+        d = ParallelDims(self.dp_shard, self.cp, self.tp, self.pp, self.ep)
+        for name in ("cp", "tp", "pp", "ep"):
             v = getattr(d, name)
             if not isinstance(v, int) or v < 1:
                 raise LayoutError(f"parallel layout: --{name.replace('_', '-')} must be a positive integer (got {v!r})")
@@ -105,8 +123,14 @@ class ParallelDims:
     def fsdp_size(self) -> int:
         return self.dp_shard * self.cp
 
+    @property
+    def dp_mod_ep(self) -> int:
+        """The dp_shard ranks outside one expert-parallel group (replicas of the same experts)."""
+        return self.dp_shard // self.ep
+
     def describe(self) -> str:
-        return " x ".join(f"{n}={getattr(self, n)}" for n in ("dp_shard", "cp", "tp", "pp"))
+        s = " x ".join(f"{n}={getattr(self, n)}" for n in ("dp_shard", "cp", "tp", "pp"))
+        return s + (f" (ep={self.ep} within dp_shard)" if self.ep > 1 else "")
 
     def validate(self, world_size: int, model_config=None, seq_len: int | None = None) -> "ParallelDims":
         """Resolve ``-1`` and check the layout against the world size and the model; one-line ConfigError."""
@@ -127,6 +151,21 @@ class ParallelDims:
         if d.pp > 1 and d.cp > 1:
             raise LayoutError(f"parallel layout: pipeline parallelism (pp={d.pp}) cannot be combined with context "
                               f"parallelism (cp={d.cp})")
+        if d.ep > 1:
+            if d.dp_shard % d.ep:
+                raise LayoutError(f"parallel layout: ep={d.ep} does not divide dp_shard={d.dp_shard} (expert "
+                                  f"parallelism borrows its ranks from the data-parallel dimension)")
+            for other in ("tp", "pp"):
+                if getattr(d, other) > 1:
+                    raise LayoutError(f"parallel layout: expert parallelism (ep={d.ep}) cannot be combined with "
+                                      f"--{other} {getattr(d, other)} yet")
+            if c is not None:
+                E = getattr(c, "num_experts", None) if getattr(c, "enable_moe_block", False) else None
+                if not E:
+                    raise LayoutError(f"parallel layout: --ep {d.ep} needs a mixture-of-experts model, and "
+                                      f"{type(c).__name__} ({getattr(c, 'model_type', '?')}) has no experts")
+                if E % d.ep:
+                    raise LayoutError(f"parallel layout: ep={d.ep} does not divide num_experts={E}")
         if seq_len is not None and d.cp > 1 and seq_len % d.cp:
             raise LayoutError(f"parallel layout: cp={d.cp} does not divide --seq-len {seq_len}")
         return d
@@ -139,6 +178,11 @@ class ParallelDims:
         if not dist.is_initialized():
             raise LayoutError("parallel layout: torch.distributed is not initialised (run under torchrun)")
         d = self.validate(dist.get_world_size())
+        if d.ep > 1:  # dp_shard split into (dp_mod_ep, ep): the EP groups are contiguous dp_shard ranks
+            mesh = init_device_mesh(device_type, (d.pp, d.dp_mod_ep, d.ep, d.cp, d.tp), mesh_dim_names=EP_DIM_NAMES)
+            mesh["dp_mod_ep", "ep"]._flatten("dp_shard")
+            mesh["dp_mod_ep", "ep", "cp"]._flatten("dp_shard_cp")
+            return mesh
         mesh = init_device_mesh(device_type, (d.pp, d.dp_shard, d.cp, d.tp), mesh_dim_names=DIM_NAMES)
         mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
         return mesh
@@ -146,7 +190,10 @@ class ParallelDims:
 
 def mesh_dims(mesh) -> ParallelDims:
     names = mesh.mesh_dim_names or ()
-    return ParallelDims(**{n: (mesh[n].size() if n in names else 1) for n in DIM_NAMES})
+    size = {n: mesh[n].size() for n in names}
+    if "ep" in size:
+        size["dp_shard"] = size["dp_mod_ep"] * size["ep"]
+    return ParallelDims(**{n: size.get(n, 1) for n in (*DIM_NAMES, "ep")})
 
 
 @dataclass
@@ -191,6 +238,17 @@ class ParallelState:
     def loss_group(self):
         """Ranks whose partial losses add up to the step's loss (dp_shard x cp)."""
         return self.mesh["dp_shard_cp"].get_group()
+
+    @property
+    def expert_mesh(self):
+        """``dp_mod_ep x ep x cp`` when ep > 1: experts Shard(0) on ep, replicated on the others."""
+        return self.mesh["dp_mod_ep", "ep", "cp"] if self.dims.ep > 1 else None
+
+    def expert_replica_groups(self) -> list:
+        """The groups over which expert gradients are still to be summed (dp_mod_ep, then cp; size > 1 only)."""
+        if self.dims.ep == 1:
+            return []
+        return [self.mesh[n].get_group() for n in ("dp_mod_ep", "cp") if self.mesh[n].size() > 1]
 
 
 def parallel_state(model: nn.Module) -> ParallelState | None:
@@ -285,21 +343,31 @@ def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
 
 # ============================================================================= FSDP2
 
+def expert_parameters(model: nn.Module) -> list:
+    """Parameters of the expert-parallel experts (FSDP leaves them alone; ``sync_expert_grads`` reduces them)."""
+    from ..layers.moe import expert_parallel_modules
+
+    return [p for m in expert_parallel_modules(model) for p in m.parameters()]
+
+
 def apply_fsdp(model: nn.Module, fsdp_mesh, cfg: ParallelConfig) -> nn.Module:
+    """FSDP2 per block and at the root. Expert-parallel experts are ignored: they are already split
+    over the EP group and stay replicated over dp_shard/ep x cp (``sync_expert_grads``)."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     from .checkpointing import decoder_layers
 
     mp = MixedPrecisionPolicy(param_dtype=cfg.param_dtype, reduce_dtype=cfg.reduce_dtype)
     layers = [l for _, l in decoder_layers(model)]
+    ignored = set(expert_parameters(model)) or None
     for i, layer in enumerate(layers):
         # the last block is needed first in backward: keeping it unsharded saves one all-gather
         rf = cfg.reshard_after_forward
         if rf is None:
             rf = i < len(layers) - 1
-        fully_shard(layer, mesh=fsdp_mesh, reshard_after_forward=rf, mp_policy=mp)
+        fully_shard(layer, mesh=fsdp_mesh, reshard_after_forward=rf, mp_policy=mp, ignored_params=ignored)
     # root group: embedding + tied LM head + final norm (one group, so the tie is sharded once)
-    fully_shard(model, mesh=fsdp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=fsdp_mesh, mp_policy=mp, ignored_params=ignored)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)  # sum: the loss is normalised by the global valid-token count
@@ -345,6 +413,12 @@ def parallelize(model: nn.Module, mesh_or_dims, config: ParallelConfig | None = 
     if not cfg.fsdp and dims.fsdp_size > 1:
         raise ConfigError(f"parallel layout: dp_shard x cp = {dims.fsdp_size} needs FSDP (it reduces their "
                           f"gradients); ParallelConfig(fsdp=False) is only for dp_shard = cp = 1")
+    if dims.ep > 1:
+        from ..layers.moe import apply_expert_parallel
+
+        apply_expert_parallel(model, mesh=state.expert_mesh)
+        state.applied.append(f"ep={dims.ep} (experts sharded over ep, replicated over dp_shard/ep={dims.dp_mod_ep}"
+                             f" x cp={dims.cp})")
     if dims.tp > 1:
         apply_tp(model, mesh["tp"])
         state.applied.append(f"tp={dims.tp}")
@@ -591,6 +665,36 @@ def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0, group=None
     if dist.is_initialized():
         dist.all_reduce(acc, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
     return acc if inf else acc.pow(1.0 / norm_type)
+
+
+@torch.no_grad()
+def sync_expert_grads(model: nn.Module) -> None:
+    """Sum the expert gradients over the ranks that hold the same experts (dp_shard/ep, then cp).
+
+    Call once per step after every backward (before clipping). Within an EP group the all-to-all
+    backward already brought each expert the gradient of every token routed to it; the replicas
+    (other EP groups, context-parallel ranks) saw other tokens, so their gradients are summed like
+    FSDP sums the others (divide factor 1: the loss is normalised by the global valid-token count).
+    A no-op without expert parallelism or without replicas.
+    """
+    st = parallel_state(model)
+    groups = st.expert_replica_groups() if st is not None else []
+    if not groups:
+        return
+    params = [p for p in expert_parameters(model) if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # every rank must take part in the reduction
+            p.grad = torch.zeros_like(p)
+    if not params:
+        return
+    grads = [_local(p.grad) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    for g in groups:
+        dist.all_reduce(flat, group=g)
+    off = 0
+    for g in grads:
+        g.copy_(flat[off:off + g.numel()].view_as(g))
+        off += g.numel()
 
 
 @torch.no_grad()
