@@ -67,7 +67,7 @@ def worker(which: str, seq: int, steps: int, threads: int, hf_mallopt: bool = Fa
     else:
         import gemmaforge
         from gemmaforge.loss import chunked_cross_entropy
-        from gemmaforge.train import TiedEmbeddingGrad, param_groups
+        from gemmaforge.train import TiedEmbeddingGrad, TrainConfig, param_groups
 
         model = gemmaforge.from_pretrained("gemma-3-270m").train()
         if which == "gemmaforge-lora":
@@ -78,6 +78,7 @@ def worker(which: str, seq: int, steps: int, threads: int, hf_mallopt: bool = Fa
         cu = torch.tensor([0, seq], dtype=torch.int32)
         labels = torch.cat([ids[0, 1:], torch.tensor([-100])])
         tied = TiedEmbeddingGrad(model) if TiedEmbeddingGrad.applies(model) else None  # as the Trainer
+        chunk = TrainConfig().loss_chunk_size  # the Trainer's default
 
         def step():
             if tied is not None:
@@ -85,7 +86,7 @@ def worker(which: str, seq: int, steps: int, threads: int, hf_mallopt: bool = Fa
                 h = model(inputs_embeds=leaf, cu_seqlens=cu, return_hidden=True)[0]
             else:
                 h = model(ids, cu_seqlens=cu, return_hidden=True)[0]
-            loss = chunked_cross_entropy(h, model.head_weight(), labels, reduction="mean", chunk_size=256)
+            loss = chunked_cross_entropy(h, model.head_weight(), labels, reduction="mean", chunk_size=chunk)
             loss.backward()
             if tied is not None:
                 tied.accumulate(ids, leaf)

@@ -52,7 +52,8 @@ class GatedMLP(nn.Module):
         """``hook(name, tensor) -> tensor`` taps mlp.hook_pre / hook_pre_linear / hook_post when given."""
         if hook is None:
             g, u = self.gate_proj(x), self.up_proj(x)
-            if self.gelu_approximate is not None and torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+            lean = torch.is_grad_enabled() and (g.requires_grad or u.requires_grad) and not torch.compiler.is_compiling()
+            if self.gelu_approximate is not None and lean:  # eager training: see _GatedActivation
                 return self.down_proj(_GatedActivation.apply(g, u, self.gelu_approximate))
             return self.down_proj(self.act(g) * u)
         pre = hook("mlp.hook_pre", self.gate_proj(x))

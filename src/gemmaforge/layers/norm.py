@@ -48,8 +48,9 @@ class _ScaledRMSNorm(torch.autograd.Function):
 
 
 def scaled_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
-    """``rms(x) * (offset + w)`` cast back to ``x.dtype``; the memory-lean autograd path when training."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    """``rms(x) * (offset + w)`` cast back to ``x.dtype``; the memory-lean autograd path when training
+    eagerly (under ``torch.compile`` the plain ops go to inductor, which fuses and recomputes itself)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and not torch.compiler.is_compiling():
         return _ScaledRMSNorm.apply(x, weight, eps, offset)
     return (_rms(x, eps) * (offset + weight.float())).type_as(x)
 
