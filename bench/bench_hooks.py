@@ -12,9 +12,14 @@
     on the same weights, both on the SDPA kernel.
 (c) ``run_with_cache`` of every hook point (default set) for a 13-token and a 512-token prompt:
     time and tensor count; TransformerLens' ``TransformerBridge`` (4.x) on the same HF model when
-    ``transformer_lens`` is importable.
+    ``transformer_lens`` is importable, and our plain eager forward (no hooks): the floor, since
+    caching every point runs every layer on the eager kernel.
 
-Timings are medians of ``--repeats`` runs, the compared variants interleaved run by run.
+Timings are medians and minima of ``--repeats`` runs, the compared variants interleaved run by run,
+as wall time and as the process's CPU time (the CPU time is what a shared machine distorts least).
+``--device cuda`` times on a GPU (synchronising after each call); ``--random-init`` uses the 270M
+config with random weights and random token ids, for machines without the embedded checkpoint
+(costs do not depend on the weights).
 """
 
 from __future__ import annotations
@@ -33,22 +38,28 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 
+SYNC = lambda: None  # noqa: E731  (torch.cuda.synchronize with --device cuda)
+
+
 def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
-    """Per callable: median and min wall seconds and median CPU seconds (all threads of this process),
-    the callables alternating within every repeat so that load changes hit them alike."""
+    """Per callable: median and min wall seconds, median and min CPU seconds (all threads of this
+    process), the callables alternating within every repeat so that load changes hit them alike."""
     for _ in range(warmup):
         for f in fns.values():
             f()
+            SYNC()
     wall = {k: [] for k in fns}
     cpu = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
+            SYNC()
             c0, t0 = time.process_time(), time.perf_counter()
             f()
+            SYNC()
             wall[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
-    return {k: {"med": statistics.median(wall[k]), "min": min(wall[k]), "cpu": statistics.median(cpu[k])}
-            for k in fns}
+    return {k: {"med": statistics.median(wall[k]), "min": min(wall[k]), "cpu": statistics.median(cpu[k]),
+                "cpu_min": min(cpu[k])} for k in fns}
 
 
 def per_call_overhead(model, names: list[str], x: torch.Tensor, n: int = 20000) -> float:
@@ -66,6 +77,8 @@ def per_call_overhead(model, names: list[str], x: torch.Tensor, n: int = 20000) 
 
 
 def prompt_ids(tok, n: int) -> torch.Tensor:
+    if tok is None:  # --random-init: random ids
+        return torch.randint(0, 262_144, (1, n), generator=torch.Generator().manual_seed(n))
     text = ("The history of the city begins with a small settlement on the river, where traders from the "
             "north met farmers from the valleys. Over the centuries it grew into a busy port. ") * 40
     ids = tok.encode(text)[:n]
@@ -137,49 +150,80 @@ def section_b(model, hf, ids, out, repeats: int) -> None:
     out()
 
 
-def section_c(model, tok, out, repeats: int, long_repeats: int) -> None:
-    from conftest import hf_model_like
-
+def tl_bridge(model, random_init: bool):
+    """TransformerLens' Gemma 3 TransformerBridge over the transformers model with our weights, or None."""
     try:
         from importlib.metadata import version
 
         from transformer_lens.model_bridge import TransformerBridge
-
-        tl_version = version("transformer_lens")
     except ImportError:
-        TransformerBridge, tl_version = None, None
-    bridge = None
-    if TransformerBridge is not None:
+        return None, None
+    from conftest import hf_model_like
+
+    hf_eager = hf_model_like(model, attn="eager").to(model.device)
+    hf_eager.config.architectures = ["Gemma3ForCausalLM"]  # the bridge picks its adapter from this
+    if not random_init:
         from gemmaforge.checkpoint.resolve import embedded_dir
 
-        hf_eager = hf_model_like(model, attn="eager")
-        hf_eager.config.architectures = ["Gemma3ForCausalLM"]  # the bridge picks its adapter from this
         # the embedded model's HF-format dir: the bridge reads the tokenizer from there
-        bridge = TransformerBridge.boot_transformers(str(embedded_dir()), hf_model=hf_eager, device="cpu")
+        src = str(embedded_dir())
+    else:  # no checkpoint here: a config-only dir and a stand-in tokenizer (ids are given, never text)
+        import tempfile
+
+        from tokenizers import Tokenizer, models
+        from transformers import PreTrainedTokenizerFast
+
+        src = tempfile.mkdtemp(prefix="tlcfg-")
+        hf_eager.config.save_pretrained(src)
+        vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"])}
+        PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                unk_token="<unk>").save_pretrained(src)
+    bridge = TransformerBridge.boot_transformers(src, hf_model=hf_eager, device=str(model.device))
+    return bridge, version("transformer_lens")
+
+
+def section_c(model, tok, out, repeats: int, long_repeats: int, random_init: bool = False) -> None:
+    bridge, tl_version = tl_bridge(model, random_init)
+    dev = model.device
     out("## (c) run_with_cache of every hook point")
     out()
-    out("| prompt | implementation | median s | min s | median CPU s | tensors cached | MB cached |")
-    out("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    out("| prompt | implementation | median s | min s | median CPU s | min CPU s | tensors cached | MB cached |")
+    out("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    ratios = []
     for n, reps in ((13, repeats), (512, long_repeats)):
-        x = prompt_ids(tok, n)
-        fns = {"ours": lambda x=x: model.run_with_cache(x)}
+        x = prompt_ids(tok, n).to(dev)
+        fns = {"ours": lambda x=x: model.run_with_cache(x), "plain": lambda x=x: model(x, attn_backend="eager")}
         if bridge is not None:
             fns["tl"] = lambda x=x: bridge.run_with_cache(x)
         r = interleaved(fns, reps, warmup=1)
+
+        def row(label, k, count="", mb=""):
+            out(f"| {n} tokens | {label} | {r[k]['med']:.4f} | {r[k]['min']:.4f} | {r[k]['cpu']:.4f} | "
+                f"{r[k]['cpu_min']:.4f} | {count} | {mb} |")
+
         _, cache = model.run_with_cache(x)
-        mb = sum(t.numel() * t.element_size() for t in cache.values()) / 2 ** 20
-        out(f"| {n} tokens | gemmaforge | {r['ours']['med']:.3f} | {r['ours']['min']:.3f} | "
-            f"{r['ours']['cpu']:.3f} | {len(cache)} | {mb:.0f} |")
+        row("gemmaforge run_with_cache", "ours", len(cache),
+            f"{sum(t.numel() * t.element_size() for t in cache.values()) / 2 ** 20:.0f}")
         del cache
+        row("gemmaforge plain forward, eager kernel, no hooks (floor)", "plain")
         if bridge is not None:
             _, tl_cache = bridge.run_with_cache(x)
-            mb = sum(t.numel() * t.element_size() for t in tl_cache.values()) / 2 ** 20
-            out(f"| {n} tokens | TransformerLens {tl_version} TransformerBridge | {r['tl']['med']:.3f} | "
-                f"{r['tl']['min']:.3f} | {r['tl']['cpu']:.3f} | {len(tl_cache)} | {mb:.0f} |")
+            row(f"TransformerLens {tl_version} TransformerBridge run_with_cache", "tl", len(tl_cache),
+                f"{sum(t.numel() * t.element_size() for t in tl_cache.values()) / 2 ** 20:.0f}")
             del tl_cache
+            ratios.append((n, {m: r["ours"][m] / r["tl"][m] for m in ("med", "min", "cpu", "cpu_min")},
+                           {m: r["plain"][m] / r["tl"][m] for m in ("med", "min", "cpu", "cpu_min")}))
+    out()
     if bridge is None:
-        out()
         out("transformer_lens is not importable here: no TransformerLens row.")
+    else:
+        out("| prompt | ratio | median wall | min wall | median CPU | min CPU |")
+        out("| --- | --- | ---: | ---: | ---: | ---: |")
+        for n, ours, floor in ratios:
+            for label, d in (("gemmaforge run_with_cache / TransformerLens", ours),
+                             ("plain eager forward (floor) / TransformerLens", floor)):
+                out(f"| {n} tokens | {label} | {d['med']:.3f} | {d['min']:.3f} | {d['cpu']:.3f} | {d['cpu_min']:.3f} |")
     out()
 
 
@@ -191,16 +235,26 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=13, help="prompt length for (a) and (b)")
     ap.add_argument("--sections", default="abc", help="which of (a) (b) (c) to run, e.g. 'ab'")
     ap.add_argument("--out", default=None, help="write the markdown results here")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--random-init", action="store_true",
+                    help="the 270M config with random weights and random ids (no checkpoint needed)")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
     load_before = os.getloadavg()
 
     import gemmaforge
-    from conftest import hf_model_like
+    from conftest import hf_model_like  # sets 2 threads on import: --threads goes after it
 
-    model = gemmaforge.from_pretrained("gemma-3-270m")
-    tok = gemmaforge.load_tokenizer("gemma-3-270m")
-    ids = prompt_ids(tok, a.tokens)
+    torch.set_num_threads(a.threads)
+
+    global SYNC
+    if a.device.startswith("cuda"):
+        SYNC = torch.cuda.synchronize
+    if a.random_init:
+        model, tok = gemmaforge.from_config("gemma-3-270m", device=a.device, seed=0), None
+    else:
+        model = gemmaforge.from_pretrained("gemma-3-270m", device=a.device)
+        tok = gemmaforge.load_tokenizer("gemma-3-270m")
+    ids = prompt_ids(tok, a.tokens).to(a.device)
     lines = []
 
     def out(s=""):
@@ -211,18 +265,19 @@ def main() -> None:
         if "a" in a.sections:
             section_a(model, ids, out, a.repeats)
         if "b" in a.sections:
-            section_b(model, hf_model_like(model, attn="sdpa"), ids, out, a.repeats)
+            section_b(model, hf_model_like(model, attn="sdpa").to(a.device), ids, out, a.repeats)
         if "c" in a.sections:
-            section_c(model, tok, out, a.repeats, a.long_repeats)
+            section_c(model, tok, out, a.repeats, a.long_repeats, a.random_init)
 
     head = [
         "# Hook machinery benchmark",
         "",
         f"- machine: {cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, torch.set_num_threads({a.threads}); "
         f"Python {platform.python_version()}, torch {torch.__version__}",
-        f"- model: embedded Gemma 3 270M, fp32, {model.device}",
+        f"- model: {'Gemma 3 270M config, random weights' if a.random_init else 'embedded Gemma 3 270M'}, "
+        f"fp32, {model.device}" + (f" ({torch.cuda.get_device_name()})" if model.device.type == "cuda" else ""),
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-        f"- medians of {a.repeats} runs ({a.long_repeats} for 512 tokens), variants interleaved",
+        f"- medians and minima of {a.repeats} runs ({a.long_repeats} for 512 tokens), variants interleaved",
         f"- load average (1/5/15 min) at start {'/'.join(f'{x:.1f}' for x in load_before)}, at end "
         f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores",
         "",

@@ -329,3 +329,69 @@ def test_against_transformer_lens_gemma3_bridge_real_270m(real):
     for i in range(model.config.num_hidden_layers):
         torch.testing.assert_close(ours["resid_post", i], tl[f"blocks.{i}.hook_resid_post"], atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(ours["pattern", i], tl[f"blocks.{i}.attn.hook_pattern"], atol=1e-5, rtol=0)
+
+
+def _with_random_adapter(model, targets):
+    """A copy of ``model`` with an unmerged LoRA adapter (non-zero B, so it changes the outputs)."""
+    import copy
+
+    from gemmaforge.transforms.lora import LoraConfig, apply_lora, lora_modules
+
+    m = copy.deepcopy(model).eval()
+    apply_lora(m, LoraConfig(rank=4, alpha=8.0, targets=targets))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for mod in lora_modules(m).values():
+            mod.lora_B.weight.copy_(torch.randn(mod.lora_B.weight.shape, generator=g) * 0.1)
+    return m
+
+
+def test_hook_result_uses_the_unmerged_lora_adapter_of_o_proj(tiny, ids):
+    import torch.nn.functional as F
+
+    from gemmaforge.transforms.lora import merge
+
+    model = _with_random_adapter(tiny, ["o_proj"])
+    L, H, D = model.config.num_hidden_layers, model.config.num_attention_heads, model.config.head_dim
+    with torch.no_grad():
+        plain = model(ids)
+        logits, cache = model.run_with_cache(ids, include_opt_in=True)
+        assert all(act_name("result", i) in cache for i in range(L))
+        # attn.hook_result changes the o_proj path (per-head einsum, then a sum): the logits stay the adapter's
+        torch.testing.assert_close(logits, plain, atol=1e-5, rtol=0)
+        for i, layer in enumerate(model.model.layers.values()):
+            o = layer.self_attn.o_proj
+            z, result = cache["z", i], cache["result", i]
+            torch.testing.assert_close(result.sum(2), o(z.reshape(*z.shape[:2], -1)), atol=1e-5, rtol=0)
+            w = o.weight + (o.lora_B.weight @ o.lora_A.weight) * o.scaling
+            for h in range(H):
+                torch.testing.assert_close(result[:, :, h], z[:, :, h] @ w[:, h * D:(h + 1) * D].T,
+                                           atol=1e-5, rtol=0)
+            # the adapter matters: the base weight alone gives something else
+            assert (result.sum(2) - F.linear(z.reshape(*z.shape[:2], -1), o.weight)).abs().max() > 1e-3
+        merge(model)  # merged: the same numbers through the plain weight
+        _, merged = model.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_result"),
+                                         include_opt_in=True)
+        for i in range(L):
+            torch.testing.assert_close(merged["result", i], cache["result", i], atol=1e-5, rtol=0)
+
+
+def test_eager_layers_share_one_dense_mask_per_kind(tiny, ids, monkeypatch):
+    """Caching scores/pattern runs every layer eager: the dense mask is built once per forward for
+    each window kind (sliding / full), not once per layer, and the values stay the transformers ones."""
+    from gemmaforge.layers import attention
+
+    built = []
+    real = attention.dense_mask_of
+
+    def counting(*a, **k):
+        built.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(attention, "dense_mask_of", counting)
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
+    assert len(cache) == tiny.config.num_hidden_layers
+    assert len(built) == len(set(tiny.config.layer_types)) == 2
+    monkeypatch.setattr(attention, "dense_mask_of", real)
+    _check_against_transformers(tiny, hf_model_like(tiny), ids, atol=1e-5)

@@ -274,3 +274,31 @@ def test_inspect_command_errors_are_one_line(tmp_path):
     r = run_cli("inspect", "--prompt", "the cat", "--out", str(f))
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == f"gemmaforge: error: {f}: exists and is not a directory"
+
+
+def test_tl_weights_include_an_unmerged_lora_adapter(tiny, ids):
+    """W_Q .. W_out are the weights the projections apply: an unmerged adapter is folded in."""
+    import copy
+
+    from gemmaforge.transforms.lora import LoraConfig, apply_lora, lora_modules
+
+    model = copy.deepcopy(tiny).eval()
+    apply_lora(model, LoraConfig(rank=4, alpha=8.0))  # all seven projections
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for mod in lora_modules(model).values():
+            mod.lora_B.weight.copy_(torch.randn(mod.lora_B.weight.shape, generator=g) * 0.1)
+        _, c = model.run_with_cache(ids)
+    w = interp.TLWeights(model)
+    for i, layer in enumerate(model.model.layers.values()):
+        att = layer.self_attn
+        q = torch.einsum("bsd,hde->bshe", c["ln1", i], w.W_Q[i])
+        torch.testing.assert_close(c["q", i], att.q_norm(q), atol=1e-5, rtol=0)
+        torch.testing.assert_close(c["v", i], torch.einsum("bsd,hde->bshe", c["ln1", i], w.W_V[i]),
+                                   atol=1e-5, rtol=0)
+        o = torch.einsum("bshe,hed->bsd", c["z", i], w.W_O[i])
+        torch.testing.assert_close(c["ln1_post", i], layer.post_attention_layernorm(o), atol=1e-5, rtol=0)
+        m_out = layer.post_feedforward_layernorm(c["mlp_post", i] @ w.W_out[i])
+        torch.testing.assert_close(c["ln2_post", i], m_out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c["mlp_pre", i], c["ln2", i] @ w.W_gate[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(interp.W_O(model, i), w.W_O[i])

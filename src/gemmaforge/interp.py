@@ -31,6 +31,7 @@ from torch import nn
 from .errors import InputError
 from .layers.norm import GemmaRMSNorm, RMSNorm
 from .transforms.hooks import act_name, hooks
+from .transforms.lora import effective_weight
 
 __all__ = [
     "TLWeights", "W_E", "W_U", "W_Q", "W_K", "W_V", "W_O", "W_gate", "W_in", "W_out",
@@ -85,6 +86,12 @@ def W_U(model) -> torch.Tensor:
     return model.head_weight().detach().T
 
 
+def _w(linear) -> torch.Tensor:
+    """The weight a projection applies, detached: ``W`` itself (a view), or ``W + scaling * B @ A``
+    (a new tensor) for a projection carrying an unmerged LoRA adapter."""
+    return effective_weight(linear).detach()
+
+
 def _per_layer(model, layer, fn) -> torch.Tensor:
     if layer is not None:
         return fn(_layers(model)[layer])
@@ -95,48 +102,50 @@ def W_Q(model, layer: int | None = None) -> torch.Tensor:
     """``[n_layers, n_heads, d_model, d_head]`` (``[n_heads, d_model, d_head]`` for one ``layer``):
     ``hook_q = q_norm(ln1 @ W_Q)`` per head (Gemma's q_norm comes before RoPE; see ``hook_rot_q``)."""
     H, _, D, d = _dims(model)
-    return _per_layer(model, layer, lambda L: L.self_attn.q_proj.weight.detach().view(H, D, d).transpose(1, 2))
+    return _per_layer(model, layer, lambda L: _w(L.self_attn.q_proj).view(H, D, d).transpose(1, 2))
 
 
 def W_K(model, layer: int | None = None) -> torch.Tensor:
     """``[n_layers, n_kv_heads, d_model, d_head]`` (grouped-query: query head ``h`` reads kv head
     ``h // (n_heads // n_kv_heads)``)."""
     _, Hkv, D, d = _dims(model)
-    return _per_layer(model, layer, lambda L: L.self_attn.k_proj.weight.detach().view(Hkv, D, d).transpose(1, 2))
+    return _per_layer(model, layer, lambda L: _w(L.self_attn.k_proj).view(Hkv, D, d).transpose(1, 2))
 
 
 def W_V(model, layer: int | None = None) -> torch.Tensor:
     """``[n_layers, n_kv_heads, d_model, d_head]``: ``hook_v = ln1 @ W_V`` (no norm on V)."""
     _, Hkv, D, d = _dims(model)
-    return _per_layer(model, layer, lambda L: L.self_attn.v_proj.weight.detach().view(Hkv, D, d).transpose(1, 2))
+    return _per_layer(model, layer, lambda L: _w(L.self_attn.v_proj).view(Hkv, D, d).transpose(1, 2))
 
 
 def W_O(model, layer: int | None = None) -> torch.Tensor:
     """``[n_layers, n_heads, d_head, d_model]``: ``hook_attn_out = sum_h z[..., h, :] @ W_O[h]``."""
     H, _, D, d = _dims(model)
-    return _per_layer(model, layer, lambda L: L.self_attn.o_proj.weight.detach().view(d, H, D).permute(1, 2, 0))
+    return _per_layer(model, layer, lambda L: _w(L.self_attn.o_proj).view(d, H, D).permute(1, 2, 0))
 
 
 def W_gate(model, layer: int | None = None) -> torch.Tensor:
     """``[n_layers, d_model, d_mlp]``: ``mlp.hook_pre = ln2 @ W_gate`` (goes through the activation)."""
-    return _per_layer(model, layer, lambda L: L.mlp.gate_proj.weight.detach().T)
+    return _per_layer(model, layer, lambda L: _w(L.mlp.gate_proj).T)
 
 
 def W_in(model, layer: int | None = None) -> torch.Tensor:
     """``[n_layers, d_model, d_mlp]``: ``mlp.hook_pre_linear = ln2 @ W_in`` (the linear branch)."""
-    return _per_layer(model, layer, lambda L: L.mlp.up_proj.weight.detach().T)
+    return _per_layer(model, layer, lambda L: _w(L.mlp.up_proj).T)
 
 
 def W_out(model, layer: int | None = None) -> torch.Tensor:
     """``[n_layers, d_mlp, d_model]``: ``hook_mlp_out = mlp.hook_post @ W_out``."""
-    return _per_layer(model, layer, lambda L: L.mlp.down_proj.weight.detach().T)
+    return _per_layer(model, layer, lambda L: _w(L.mlp.down_proj).T)
 
 
 class TLWeights:
     """The weights above as attributes: ``w = TLWeights(model); w.W_Q[3, 0]``.
 
     ``W_E`` / ``W_U`` and single-layer calls are detached *views* of the parameters (no copy:
-    writing into them writes into the model; ``.clone()`` for a private copy). The stacked
+    writing into them writes into the model; ``.clone()`` for a private copy), except the weight
+    of a projection carrying an unmerged LoRA adapter, which is the weight it applies,
+    ``W + scaling * B @ A``, a new tensor (``merge`` the adapters first for views). The stacked
     ``[n_layers, ...]`` attributes are detached copies, built on first access and cached;
     build a new ``TLWeights`` after changing the model's weights.
     """

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -133,6 +133,10 @@ class SeqInfo:
     max_seqlen: int = 0
     single_doc: bool = False
     groups: torch.Tensor | None = None
+    # dense masks already built this forward (every layer of one kind reads the same one), each kept with
+    # the doc/idx/groups tensors it was built from. An init field: FSDP2 rebuilds dataclass inputs with
+    # dataclasses.replace, and its copy then shares the masks (checked against the tensors on every use).
+    masks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def shape(self):
@@ -272,9 +276,26 @@ class AttnCall:
         return compose_mask(self.info.idx, self.k_idx, self.info.doc, self.k_doc, self.window,
                             self.info.single_doc, q_group, k_group)
 
-    def dense_mask(self, batch: int) -> torch.Tensor:
-        """[B, 1, S, Sk] boolean mask (True = may attend)."""
-        return dense_mask_of(self.mask_mod(), batch, len(self.info.idx), len(self.k_idx), self.k_idx.device)
+    def dense_mask(self, batch: int, inverted: bool = False) -> torch.Tensor:
+        """[B, 1, S, Sk] boolean mask (True = may attend; ``inverted``: True = masked out).
+
+        When the keys are this forward's own tokens the mask depends only on the window and on
+        whether image groups apply, so it is built once per forward (kept on ``SeqInfo``) and
+        shared by every layer of that kind; with a KV cache (or context-parallel keys) it is built
+        per call. Callers must not write into it."""
+        info = self.info
+        if not (self.keys_are_queries and self.k_doc is info.doc and self.k_idx is info.idx) \
+                or torch.compiler.is_compiling():
+            m = dense_mask_of(self.mask_mod(), batch, len(info.idx), len(self.k_idx), self.k_idx.device)
+            return ~m if inverted else m
+        key = (self.window, self.has_groups, batch, inverted)
+        hit = info.masks.get(key)
+        if hit is not None and hit[0] is info.doc and hit[1] is info.idx and hit[2] is info.groups:
+            return hit[3]
+        m = ~self.dense_mask(batch) if inverted else dense_mask_of(
+            self.mask_mod(), batch, len(info.idx), len(self.k_idx), self.k_idx.device)
+        info.masks[key] = (info.doc, info.idx, info.groups, m)
+        return m
 
     def needs_mask(self, sq: int, sk: int) -> bool:
         """False when every key is visible to every query (decode with a trimmed cache)."""
@@ -290,21 +311,25 @@ def _softcap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def eager_attention(q, k, v, call: AttnCall, return_probs: bool = False):
-    """Reference: explicit scores, softcap, mask, fp32 softmax. q [B,H,S,D], k/v [B,Hkv,Sk,D]."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale  # [B, H, S, Sk]
+    """Reference: explicit scores, softcap, mask, fp32 softmax. q [B,H,S,D], k/v [B,Hkv,Sk,D].
+
+    Grouped-query heads: the ``g = H / Hkv`` query heads of one kv head are folded into the rows of
+    one matmul (``[B, Hkv, g*S, D] @ [B, Hkv, D, Sk]``, a view of q) instead of repeating k/v
+    ``g`` times; query head ``h`` reads kv head ``h // g`` as with ``repeat_interleave``."""
+    B, H, S, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    g = H // Hkv
+    scores = torch.matmul(q.reshape(B, Hkv, g * S, D), k.transpose(-1, -2)).view(B, H, S, Sk)
+    scores.mul_(call.scale)  # a fresh tensor: scale (and mask, below) in place
     scores = _softcap(scores, call.softcap)
-    if call.needs_mask(q.shape[2], k.shape[2]):
-        scores = scores.masked_fill(~call.dense_mask(q.shape[0]), float("-inf"))
+    if call.needs_mask(S, Sk):
+        scores.masked_fill_(call.dense_mask(B, inverted=True), float("-inf"))
     if call.tap is not None:
         scores = call.tap("attn.hook_attn_scores", scores)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     if call.tap is not None:
         probs = call.tap("attn.hook_pattern", probs)
-    out = torch.matmul(probs, v)
+    out = torch.matmul(probs.reshape(B, Hkv, g * S, Sk), v).view(B, H, S, v.shape[-1])
     return (out, probs) if return_probs else (out, None)
 
 
@@ -372,7 +397,19 @@ def flex_attention_backend(q, k, v, call: AttnCall, return_probs: bool = False):
         _FLEX_CACHE[key] = torch.compile(flex_attention, dynamic=False) if compile_it else flex_attention
     B, _, S, _ = q.shape
     Sk = k.shape[2]
-    block = create_block_mask(call.mask_mod(), B, None, S, Sk, device=q.device, _compile=compile_it)
+    if compile_it and q.device.type == "cuda" and S < 128:
+        # short query blocks go to inductor's flex-decoding template, which found no valid kernel
+        # configuration for a 72-token packed row on an H200 with torch 2.11 (NoValidChoicesError);
+        # sdpa computes the same masked attention (bench/RESULTS.md, GPU section)
+        return sdpa_attention(q, k, v, call)
+    # one block mask per forward and mask shape, not per layer: without a KV cache the mask is a
+    # function of the forward's SeqInfo (documents, groups) and the layer's window only
+    shared = call.info.masks if call.keys_are_queries else {}
+    mkey = ("flex", B, S, Sk, call.window, call.has_groups, str(q.device))
+    block = shared.get(mkey)
+    if block is None:
+        block = shared[mkey] = create_block_mask(call.mask_mod(), B, None, S, Sk, device=q.device,
+                                                 _compile=compile_it)
     cap = call.softcap
     score_mod = None if cap is None else (lambda s, b, h, qi, ki: torch.tanh(s / cap) * cap)
     with warnings.catch_warnings():

@@ -18,6 +18,7 @@ from ..layers.attention import SeqInfo, build_seq_info, resolve_backend
 from ..layers.kv_cache import KVCache
 from ..layers.attention import AttnCall, attention
 from ..layers.rope import apply_rope, rope_table
+from ..transforms.lora import effective_weight
 
 
 @dataclass
@@ -74,10 +75,13 @@ def attn_output(o_proj: nn.Module, out: torch.Tensor, ctx: ForwardContext, layer
     B, H, S, D = out.shape
     z = ctx.hook(layer_idx, "attn.hook_z", out.transpose(1, 2), "bshd")  # (B, S, H, D)
     if ctx.wants(layer_idx, "attn.hook_result"):
-        # opt-in: each head's contribution through its slice of W_O, (B, S, H, hidden); they sum to o_proj(z)
-        w = o_proj.weight.view(o_proj.weight.shape[0], H, D)
+        # opt-in: each head's contribution through its slice of W_O, (B, S, H, hidden); they sum to o_proj(z).
+        # W_O is the weight o_proj applies: an unmerged LoRA adapter folded in (its dropout is not applied)
+        w = effective_weight(o_proj)
+        w = w.view(w.shape[0], H, D)
         result = ctx.hook(layer_idx, "attn.hook_result", torch.einsum("bshd,mhd->bshm", z, w), "bshd")
-        return result.sum(2)
+        bias = getattr(o_proj, "bias", None)
+        return result.sum(2) if bias is None else result.sum(2) + bias
     return o_proj(z.reshape(B, S, -1))
 
 

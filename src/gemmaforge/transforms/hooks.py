@@ -58,15 +58,22 @@ def hook_names(model, include_opt_in: bool = False) -> list[str]:
     A decoder layer may declare ``absent_hook_points`` (names it never reaches, e.g. the k/v hooks
     of a Gemma 4 KV-sharing layer, which computes no keys): those are not hook points, so asking
     for one fails instead of silently never firing."""
+    return list(_hook_sites(model, include_opt_in))
+
+
+def _hook_sites(model, include_opt_in: bool = False) -> dict[str, tuple]:
+    """Full name -> the ``(layer, short name)`` the model's hook site passes, in execution order."""
     sandwich = hasattr(next(iter(model.model.layers.values())), "post_feedforward_layernorm")
-    names = ["hook_embed"]
+    sites = {"hook_embed": (None, "hook_embed")}
     for i, layer in enumerate(model.model.layers.values()):
         absent = getattr(layer, "absent_hook_points", ())
         for n in LAYER_HOOKS:
             if (n in SANDWICH_ONLY and not sandwich) or (n in OPT_IN and not include_opt_in) or n in absent:
                 continue
-            names.append(f"blocks.{i}.{n}")
-    return names + ["ln_final.hook_normalized", "hook_logits"]
+            sites[f"blocks.{i}.{n}"] = (i, n)
+    for n in ("ln_final.hook_normalized", "hook_logits"):
+        sites[n] = (None, n)
+    return sites
 
 
 @dataclass
@@ -80,12 +87,8 @@ class HookRef:
         return int(m.group(1)) if m else None
 
 
-def _to_tl(x: torch.Tensor, layout: str) -> torch.Tensor:
-    return x.transpose(1, 2) if layout == "bhsd" else x  # (B,H,S,D) -> (B,S,H,D)
-
-
 def _from_tl(x: torch.Tensor, layout: str) -> torch.Tensor:
-    return x.transpose(1, 2) if layout == "bhsd" else x
+    return x.transpose(1, 2) if layout == "bhsd" else x  # (B,S,H,D) -> (B,H,S,D)
 
 
 class ActivationCache(dict):
@@ -127,73 +130,68 @@ class Hooks:
                  include_opt_in: bool = False):
         self.cache = cache
         self.detach = detach
-        all_names = hook_names(model, include_opt_in=True)
+        sites = _hook_sites(model, include_opt_in=True)
         # a predicate never switches on an opt-in point (attn.hook_result changes the o_proj path); a name does
-        pred_names = hook_names(model, include_opt_in=include_opt_in)
+        pred_names = [n for n, (_, short) in sites.items() if include_opt_in or short not in OPT_IN]
         self.fns: dict[str, list[Callable]] = {}
         for target, fn in fwd_hooks:
-            matched = [n for n in (pred_names if callable(target) else all_names) if _match(target, n)]
+            if callable(target):
+                matched = [n for n in pred_names if target(n)]
+            else:  # a name: one dict lookup (not a scan: run_with_hooks may name every point)
+                name = act_name(*target) if isinstance(target, tuple) else target
+                matched = [name] if name in sites else []
             if not matched:
-                raise KeyError(f"hook point {target!r} does not exist (e.g. {all_names[1]!r})")
+                raise KeyError(f"hook point {target!r} does not exist (e.g. {pred_names[1]!r})")
             for n in matched:
                 self.fns.setdefault(n, []).append(fn)
         self.cache_names: set[str] = set()
         if cache is not None:
-            candidates = hook_names(model, include_opt_in=include_opt_in)
             if names_filter is None:
-                self.cache_names = set(candidates)
-            elif isinstance(names_filter, str) or callable(names_filter):
-                pool = candidates if callable(names_filter) else all_names
-                self.cache_names = {n for n in pool if _match(names_filter, n)}
-                if isinstance(names_filter, str) and not self.cache_names:
-                    raise KeyError(f"hook point {names_filter!r} does not exist")
+                self.cache_names = set(pred_names)
+            elif callable(names_filter):
+                self.cache_names = {n for n in pred_names if names_filter(n)}
             else:
-                wanted = {act_name(*n) if isinstance(n, tuple) else n for n in names_filter}
-                unknown = wanted - set(all_names)
+                wanted = {names_filter} if isinstance(names_filter, str) else {
+                    act_name(*n) if isinstance(n, tuple) else n for n in names_filter}
+                unknown = wanted - sites.keys()
                 if unknown:
                     raise KeyError(f"hook point {sorted(unknown)[0]!r} does not exist")
                 self.cache_names = wanted
         self.active = set(self.fns) | self.cache_names
-        self.eager_layers = {int(n.split(".")[1]) for n in self.active if n.split(".", 2)[-1] in EAGER}
-        self._names: dict[tuple, str] = {}
+        # one plan per active site, keyed as the model calls it, (layer, short name): the full name, the
+        # functions to run, whether to cache. Built once here, so a site costs one dict lookup per call
+        # (inactive sites: a miss) and names_filter is never matched inside a forward.
+        self._plans: dict[tuple, tuple[str, tuple, bool]] = {
+            sites[n]: (n, tuple(self.fns.get(n, ())), n in self.cache_names) for n in self.active}
+        self.eager_layers = {sites[n][0] for n in self.active if sites[n][1] in EAGER}
 
     def bind(self, ctx) -> None:
         ctx.hooks = self
         ctx.eager_layers = set(ctx.eager_layers) | self.eager_layers
 
-    def _full(self, layer, name) -> str:
-        key = (layer, name)
-        full = self._names.get(key)
-        if full is None:
-            full = self._names[key] = name if layer is None else f"blocks.{layer}.{name}"
-        return full
-
     def wants(self, layer, name) -> bool:
-        return self._full(layer, name) in self.active
+        return (layer, name) in self._plans
 
     def __call__(self, layer, name, x, layout):
-        full = self._full(layer, name)
-        if full not in self.active:
+        plan = self._plans.get((layer, name))
+        if plan is None:
             return x
-        t = _to_tl(x, layout)
+        full, fns, cache = plan
+        t = x.transpose(1, 2) if layout == "bhsd" else x  # (B,H,S,D) -> (B,S,H,D), a view
+        if not fns:  # caching only: store a reference (nothing later writes into these tensors)
+            self.cache[full] = t.detach() if self.detach else t
+            return x
         changed = False
-        for fn in self.fns.get(full, ()):
-            r = fn(t, HookRef(full))
+        ref = HookRef(full)
+        for fn in fns:
+            r = fn(t, ref)
             if r is not None:
                 if r.shape != t.shape:
                     raise ValueError(f"hook on {full} returned shape {tuple(r.shape)}, expected {tuple(t.shape)}")
                 t, changed = r, True
-        if full in self.cache_names:
+        if cache:
             self.cache[full] = t.detach() if self.detach else t
         return _from_tl(t, layout) if changed else x
-
-
-def _match(target, name: str) -> bool:
-    if callable(target):
-        return bool(target(name))
-    if isinstance(target, tuple):
-        target = act_name(*target)
-    return target == name
 
 
 @contextlib.contextmanager

@@ -78,6 +78,15 @@ class LoraLinear(nn.Module):
     def delta(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    def effective_weight(self) -> torch.Tensor:
+        """The ``[out, in]`` weight this module applies: ``W + scaling * B @ A`` (just ``W`` once
+        merged), differentiable in the adapters. Equal to ``forward`` without dropout (eval mode or
+        ``dropout == 0``); used where a per-input-slice view of the weight is needed
+        (``attn.hook_result``, the TransformerLens-style weights of ``gemmaforge.interp``)."""
+        if self.merged:
+            return self.weight
+        return self.weight + self.delta().to(self.weight.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
@@ -94,8 +103,7 @@ class LoraLinear(nn.Module):
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            w = self.weight if self.merged else self.weight + self.delta().to(self.weight.dtype)
-            lin.weight.copy_(w)
+            lin.weight.copy_(self.effective_weight())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
@@ -150,6 +158,12 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, freeze_base: bool = True) -
         _set_child(model, n, LoraLinear(base, cfg.rank, cfg.scaling, cfg.dropout))
     model.lora_config = cfg
     return names
+
+
+def effective_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight a Linear-like module applies: its adapter folded in for an unmerged ``LoraLinear``,
+    else ``linear.weight`` itself."""
+    return linear.effective_weight() if isinstance(linear, LoraLinear) else linear.weight
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
