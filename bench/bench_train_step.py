@@ -19,21 +19,13 @@ import subprocess
 import sys
 import time
 
-FLOOR_GFLOP_PER_TOKEN = None  # computed from the config below
 
 
 def step_flops(cfg, T: int) -> float:
     """6 * N_matmul_params * T + attention (fwd+bwd = 3x fwd); the tied head counts as a matmul."""
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i
-    n = cfg.num_hidden_layers * per_layer + cfg.vocab_size * h
-    attn = 0
-    for t in cfg.layer_types:
-        w = cfg.window_for(t) or T
-        keys = sum(min(k + 1, w) for k in range(T))
-        attn += 2 * 2 * cfg.num_attention_heads * d * keys  # QK^T and PV, fwd
-    return 6 * n * T + 3 * attn
+    from bench_gpu_mfu import model_flops  # same counting, one document of T tokens
+
+    return model_flops(cfg, [T])
 
 
 def worker(which: str, seq: int, steps: int, threads: int, hf_mallopt: bool = False) -> dict:

@@ -398,18 +398,7 @@ def _trainer_class():
                 self.log(msg)
                 row.update(skipped=True, reason=msg)
                 self.bad_in_a_row += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            self.step += 1
-            dt = _time.perf_counter() - t0
-            row["step_s"] = dt
-            row["tokens_per_s"] = n_tokens / dt
-            if not ok and self.bad_in_a_row >= self.cfg.max_bad_steps:
-                from .train import TrainingStopped
-
-                self._write_metrics(row)
-                raise TrainingStopped(f"{self.bad_in_a_row} consecutive non-finite steps; last: {row['reason']}")
-            return row
+            return self._finish_step(row, ok, t0, n_tokens)
 
         @torch.no_grad()
         def evaluate(self):

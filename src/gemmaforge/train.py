@@ -210,9 +210,8 @@ class TiedEmbeddingGrad:
     """
 
     def __init__(self, model):
-        emb = model.model.embed_tokens
-        self.model, self.weight, self.pad = model, emb.weight, emb.padding_idx
-        self.scale = torch.tensor(emb.scale, dtype=torch.float32).to(emb.weight.dtype)
+        self.model, self.embedding = model, model.model.embed_tokens
+        self.weight, self.pad = self.embedding.weight, self.embedding.padding_idx
 
     @staticmethod
     def applies(model) -> bool:
@@ -239,7 +238,7 @@ class TiedEmbeddingGrad:
         if leaf.grad is None:
             return
         rows = ids.reshape(-1)
-        g = leaf.grad.reshape(-1, leaf.shape[-1]).to(self.weight.dtype) * self.scale
+        g = leaf.grad.reshape(-1, leaf.shape[-1]).to(self.weight.dtype) * self.embedding.factor()
         if self.pad is not None:
             g[rows == self.pad] = 0
         if self.weight.grad is None:
@@ -429,6 +428,11 @@ class Trainer:
             self.log(msg)
             row.update(skipped=True, reason=msg)
             self.bad_in_a_row += 1
+        return self._finish_step(row, ok, t0, n_tokens)
+
+    def _finish_step(self, row: dict, ok: bool, t0: float, n_tokens: int) -> dict:
+        """After the optimizer step (or the skip): advance the schedule, time the step, stop after
+        ``max_bad_steps`` consecutive non-finite steps. Shared with the DistributedTrainer."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1

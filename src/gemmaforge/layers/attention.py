@@ -276,26 +276,32 @@ class AttnCall:
         return compose_mask(self.info.idx, self.k_idx, self.info.doc, self.k_doc, self.window,
                             self.info.single_doc, q_group, k_group)
 
-    def dense_mask(self, batch: int, inverted: bool = False) -> torch.Tensor:
-        """[B, 1, S, Sk] boolean mask (True = may attend; ``inverted``: True = masked out).
+    def per_forward(self, key: tuple, build: Callable[[], object]):
+        """``build()``, shared by every layer call of this forward that asks with the same ``key``.
 
-        When the keys are this forward's own tokens the mask depends only on the window and on
-        whether image groups apply, so it is built once per forward (kept on ``SeqInfo``) and
-        shared by every layer of that kind; with a KV cache (or context-parallel keys) it is built
-        per call. Callers must not write into it."""
+        When the keys are this forward's own tokens, a mask depends only on the forward's layout
+        (kept on ``SeqInfo``) and the layer's window/groups, so it is built once per forward. With a
+        KV cache or context-parallel keys, and while tracing under ``torch.compile``, it is built
+        per call. Callers must not write into what it returns."""
         info = self.info
         if not (self.keys_are_queries and self.k_doc is info.doc and self.k_idx is info.idx) \
                 or torch.compiler.is_compiling():
-            m = dense_mask_of(self.mask_mod(), batch, len(info.idx), len(self.k_idx), self.k_idx.device)
-            return ~m if inverted else m
-        key = (self.window, self.has_groups, batch, inverted)
+            return build()
         hit = info.masks.get(key)
         if hit is not None and hit[0] is info.doc and hit[1] is info.idx and hit[2] is info.groups:
             return hit[3]
-        m = ~self.dense_mask(batch) if inverted else dense_mask_of(
-            self.mask_mod(), batch, len(info.idx), len(self.k_idx), self.k_idx.device)
-        info.masks[key] = (info.doc, info.idx, info.groups, m)
-        return m
+        value = build()
+        info.masks[key] = (info.doc, info.idx, info.groups, value)
+        return value
+
+    def dense_mask(self, batch: int, inverted: bool = False) -> torch.Tensor:
+        """[B, 1, S, Sk] boolean mask (True = may attend; ``inverted``: True = masked out); one per
+        forward and layer kind (``per_forward``)."""
+        def build():
+            m = dense_mask_of(self.mask_mod(), batch, len(self.info.idx), len(self.k_idx), self.k_idx.device)
+            return ~m if inverted else m
+
+        return self.per_forward(("dense", self.window, self.has_groups, batch, inverted), build)
 
     def needs_mask(self, sq: int, sk: int) -> bool:
         """False when every key is visible to every query (decode with a trimmed cache)."""
@@ -402,14 +408,9 @@ def flex_attention_backend(q, k, v, call: AttnCall, return_probs: bool = False):
         # configuration for a 72-token packed row on an H200 with torch 2.11 (NoValidChoicesError);
         # sdpa computes the same masked attention (bench/RESULTS.md, GPU section)
         return sdpa_attention(q, k, v, call)
-    # one block mask per forward and mask shape, not per layer: without a KV cache the mask is a
-    # function of the forward's SeqInfo (documents, groups) and the layer's window only
-    shared = call.info.masks if call.keys_are_queries else {}
-    mkey = ("flex", B, S, Sk, call.window, call.has_groups, str(q.device))
-    block = shared.get(mkey)
-    if block is None:
-        block = shared[mkey] = create_block_mask(call.mask_mod(), B, None, S, Sk, device=q.device,
-                                                 _compile=compile_it)
+    block = call.per_forward(("flex", B, S, Sk, call.window, call.has_groups, str(q.device)),
+                             lambda: create_block_mask(call.mask_mod(), B, None, S, Sk, device=q.device,
+                                                       _compile=compile_it))
     cap = call.softcap
     score_mod = None if cap is None else (lambda s, b, h, qi, ki: torch.tanh(s / cap) * cap)
     with warnings.catch_warnings():

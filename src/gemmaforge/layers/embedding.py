@@ -25,5 +25,9 @@ class ScaledEmbedding(Embedding):
         super().__init__(vocab, hidden, padding_idx=pad_id)
         self.scale = scale
 
+    def factor(self) -> torch.Tensor:
+        """The multiplier actually applied: ``scale`` rounded to the weight dtype."""
+        return torch.tensor(self.scale, dtype=torch.float32).to(self.weight.dtype)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids) * torch.tensor(self.scale, dtype=torch.float32).to(self.weight.dtype)
+        return super().forward(ids) * self.factor()
