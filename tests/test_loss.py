@@ -66,6 +66,32 @@ def test_ce_value_and_grads_match_naive(reduction, softcap, chunk_size):
     assert torch.all(g1[0][labels == -100] == 0)
 
 
+@pytest.mark.parametrize("n", [5, 16, 37])  # fewer rows than H, exactly H, more (later chunks accumulate)
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("grads", ["both", "hidden", "weight"])
+def test_ce_vocab_blocks_and_logits_in_gradient_buffer(monkeypatch, n, softcap, grads):
+    """Several vocabulary blocks (the last one partial), logits of the first min(N, H) rows formed
+    inside the weight-gradient buffer and overwritten block by block in reverse order: loss and both
+    gradients still equal the naive reference, for every label position (first/last block too)."""
+    import gemmaforge.loss as L
+
+    monkeypatch.setattr(L, "_VOCAB_BLOCK", 8)  # V = 101: 13 blocks, the last of 5 rows
+    hidden, weight, labels = make_inputs(n=n, scale=2.5 if softcap else 1.0, ignore=False)
+    labels[0], labels[-1] = 0, V - 1  # targets in the first and the last (partial) block
+    h1, w1 = leaf(hidden, grads != "weight"), leaf(weight, grads != "hidden")
+    h2, w2 = leaf(hidden, grads != "weight"), leaf(weight, grads != "hidden")
+    out = chunked_cross_entropy(h1, w1, labels, softcap=softcap, chunk_size=7, reduction="sum")
+    ref = naive_cross_entropy(h2, w2, labels, softcap=softcap, reduction="sum")
+    torch.testing.assert_close(out, ref, **TOL)
+    out.backward()
+    ref.backward()
+    for a, b in ((h1, h2), (w1, w2)):
+        if b.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, **TOL)
+        else:
+            assert a.grad is None
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_ce_weight_without_grad(reduction, softcap):

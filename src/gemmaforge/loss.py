@@ -66,12 +66,16 @@ Design choices
 * ``weight.requires_grad == False`` (e.g. LoRA) or ``hidden.requires_grad ==
   False`` skip the corresponding gradient matmul; under ``torch.no_grad`` no
   gradient is computed at all.
-* Each call allocates its ``[chunk, V]`` fp32 work buffers once and reuses them
-  for every chunk (in-place ops, ``out=`` matmuls): 1 buffer for cross-entropy
-  without soft-cap, 2 with soft-cap or for log-probs with entropy or soft-cap,
-  3 for the log-probs backward with both soft-cap and an entropy gradient.
-  Peak extra memory is therefore ``(1..3) * chunk * V * 4`` bytes plus the
-  ``[V, H]`` weight gradient; nothing of size ``N * V`` is ever allocated.
+* Each call allocates its fp32 work buffers once and reuses them for every chunk (in-place ops,
+  ``out=`` matmuls). The fused cross-entropy forms each chunk's logits transposed (``[V, C]`` =
+  ``W @ h.T``, MKL's fast shape for a row-major ``[V, H]`` table; ``h @ W.T`` is its slowest) and
+  walks the vocabulary in blocks of ``_VOCAB_BLOCK`` rows whose softmax tile stays in cache for
+  both gradient GEMMs. When the weight gradient is wanted, the first ``min(N, H)`` rows keep their
+  logits inside the ``[V, H]`` gradient buffer itself (blocks run in reverse so the gradient only
+  overwrites consumed logits): a 512-token step of a 640-wide model needs no ``[chunk, V]`` buffer
+  at all. Otherwise one ``[chunk, V]`` buffer (1-3 for the log-probs paths, with soft-cap/entropy).
+  Peak extra memory is therefore at most ``(1..3) * chunk * V * 4`` bytes plus the ``[V, H]``
+  weight gradient; nothing of size ``N * V`` is ever allocated.
 * Unused outputs: if only ``hidden``'s gradient is requested via
   ``torch.autograd.grad`` while ``weight.requires_grad`` is True, the fused
   cross-entropy still computes the weight gradient in the forward (it cannot
@@ -175,74 +179,121 @@ class _Workspace:
 # --------------------------------------------------------------------------- #
 # fused cross-entropy (sum / mean)
 # --------------------------------------------------------------------------- #
+_VOCAB_BLOCK = 4096  # vocabulary rows per softmax/gradient block (a [block, C] fp32 tile stays in cache)
+
+
 def _ce_chunk(
     h_c: torch.Tensor,
     wc: torch.Tensor,
     y_c: torch.Tensor,
     softcap: Optional[float],
-    need_grad: bool,
-    ws: _Workspace,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Loss per row of one chunk and, if ``need_grad``, d(sum loss)/d(raw logits).
+    zt: torch.Tensor,
+    tile: torch.Tensor,
+    gh_out: Optional[torch.Tensor],
+    gw_out: Optional[torch.Tensor],
+    accumulate: bool,
+) -> torch.Tensor:
+    """Token losses of one chunk; writes d(sum loss)/d(hidden) and (+)= d(sum loss)/d(weight).
 
-    ``h_c`` [C, H] fp32, ``wc`` [V, H] fp32, ``y_c`` [C] valid labels.
-    The returned gradient lives in a workspace buffer (valid until the next chunk).
+    ``h_c`` [C, H] fp32, ``wc`` [V, H] fp32, ``y_c`` [C] valid labels, ``tile`` a flat fp32 buffer
+    of at least ``min(block, V) * C`` elements. The logits are formed
+    transposed, ``zt = wc @ h_c.T`` [V, C] (the GEMM shape MKL runs fastest; ``h @ W.T`` over the
+    row-major table is its slowest), then two passes over vocabulary blocks: the log-sum-exp
+    statistics, and, in *reverse* block order, the block's ``softmax - onehot`` in the small
+    ``tile`` followed by both gradient GEMMs while the tile is in cache. ``zt`` may share memory with
+    the first ``V * C`` elements of ``gw_out`` (``C <= H``): block ``b`` of the gradient overwrites
+    floats ``[H*b0, H*b1)``, which only hold logits of rows ``>= b0`` (already consumed, since blocks
+    run backwards), so the ``[V, H]`` gradient buffer doubles as the logits buffer.
     """
-    c = h_c.shape[0]
-    z = torch.mm(h_c, wc.t(), out=ws.get(0, c))  # [C, V] fp32 raw logits
+    v, c = wc.shape[0], h_c.shape[0]
+    cols = torch.arange(c, device=h_c.device)
+    torch.mm(wc, h_c.t(), out=zt)  # raw logits, [V, C]
     if softcap is not None:
-        z.div_(softcap).tanh_()  # t = tanh(z / c), kept for the derivative
-        logits = torch.mul(z, softcap, out=ws.get(1, c)) if need_grad else z.mul_(softcap)
+        zt.div_(softcap).tanh_()  # t = tanh(z / cap): kept for the derivative; logits = cap * t
+        scale = float(softcap)
     else:
-        logits = z
-    m = logits.amax(dim=1, keepdim=True)
-    tgt = logits.gather(1, y_c[:, None]).squeeze(1)
-    e = logits.sub_(m).exp_()  # in place: exp(z - max)
-    s = e.sum(dim=1)
-    loss = (m.squeeze(1) + s.log()) - tgt
-    if not need_grad:
-        return loss, None
-    p = e.div_(s[:, None])  # softmax
-    p.scatter_add_(1, y_c[:, None], torch.full_like(tgt[:, None], -1.0))  # p - onehot
-    if softcap is not None:
-        # d/dz [c * tanh(z / c)] = 1 - tanh(z / c)^2
-        p.mul_(z.square_().neg_().add_(1.0))
-    return loss, p
+        scale = 1.0
+    m = zt.amax(dim=0)
+    if scale != 1.0:
+        m = m * scale
+    tgt = zt[y_c, cols] * scale
+    s = torch.zeros(c, dtype=torch.float32, device=h_c.device)
+    for b0 in range(0, v, _VOCAB_BLOCK):
+        b1 = min(b0 + _VOCAB_BLOCK, v)
+        t = tile[: (b1 - b0) * c].view(b1 - b0, c)
+        torch.mul(zt[b0:b1], scale, out=t) if scale != 1.0 else t.copy_(zt[b0:b1])
+        s += t.sub_(m).exp_().sum(dim=0)
+    lse = m + s.log()
+    loss = lse - tgt
+    if gh_out is None and gw_out is None:
+        return loss
+    blocks = list(range(0, v, _VOCAB_BLOCK))
+    for i, b0 in enumerate(reversed(blocks)):
+        b1 = min(b0 + _VOCAB_BLOCK, v)
+        p = tile[: (b1 - b0) * c].view(b1 - b0, c)
+        zb = zt[b0:b1]
+        torch.mul(zb, scale, out=p) if scale != 1.0 else p.copy_(zb)
+        p.sub_(lse).exp_()  # softmax
+        # p - onehot, without a host sync: labels outside the block add 0 at a clamped row
+        hit = ((y_c >= b0) & (y_c < b1)).to(p.dtype)
+        p.index_put_((((y_c - b0).clamp_(0, b1 - b0 - 1)), cols), hit.neg_(), accumulate=True)
+        if softcap is not None:
+            # d/dz [cap * tanh(z / cap)] = 1 - tanh(z / cap)^2 (read before the gradient overwrites zb)
+            p.mul_(zb.square().neg_().add_(1.0))
+        if gh_out is not None:
+            if i == 0:
+                torch.mm(p.t(), wc[b0:b1], out=gh_out)
+            else:
+                gh_out.addmm_(p.t(), wc[b0:b1])
+        if gw_out is not None:
+            if accumulate:
+                gw_out[b0:b1].addmm_(p, h_c)
+            else:
+                torch.mm(p, h_c, out=gw_out[b0:b1])
+    return loss
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
     """Sum of token losses over (already compacted, all valid) rows.
 
-    Gradients are computed during the forward; backward only scales them.
+    Gradients are computed during the forward; backward only scales them. With the weight
+    gradient requested, the first ``min(N, H)`` rows form their logits inside the ``[V, H]`` fp32
+    gradient buffer (see ``_ce_chunk``), so they need no ``[chunk, V]`` workspace; the remaining
+    rows go ``chunk_size`` at a time through one.
     """
 
     @staticmethod
     @_fp32_region
     def forward(ctx, h, weight, y, softcap, chunk_size, need_gh, need_gw):
-        n = h.shape[0]
+        n, hdim = h.shape
+        v = weight.shape[0]
+        dev = h.device
         wc = _fp32(weight)
         hc = _fp32(h)
-        losses = torch.empty(n, dtype=torch.float32, device=h.device)
-        need_grad = need_gh or need_gw
-        gh = torch.empty((n, h.shape[1]), dtype=torch.float32, device=h.device) if need_gh else None
-        gw = None
-        ws = _Workspace(min(chunk_size, n), weight.shape[0], h.device)
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            h_c = hc[s:e]
-            loss_c, dz = _ce_chunk(h_c, wc, y[s:e], softcap, need_grad, ws)
-            losses[s:e] = loss_c
-            if need_gh:
-                torch.mm(dz, wc, out=gh[s:e])
-            if need_gw:
-                if gw is None:
-                    gw = torch.mm(dz.t(), h_c)
-                else:
-                    gw.addmm_(dz.t(), h_c)
-            del dz, loss_c
-        del wc, hc, ws
-        if need_gw and gw is None:  # no rows at all
-            gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        losses = torch.empty(n, dtype=torch.float32, device=dev)
+        gh = torch.empty((n, hdim), dtype=torch.float32, device=dev) if need_gh else None
+        gw = torch.empty((v, hdim), dtype=torch.float32, device=dev) if need_gw else None
+        first = min(n, hdim) if need_gw else 0
+        tile = torch.empty(min(_VOCAB_BLOCK, v) * max(min(n, max(first, chunk_size)), 1),
+                           dtype=torch.float32, device=dev)  # flat: viewed [block, C] per chunk
+        ws = None
+        s = 0
+        while s < n:
+            if s == 0 and first:
+                e = first
+                zt = gw.view(-1)[: v * e].view(v, e)
+            else:
+                e = min(s + chunk_size, n)
+                if ws is None:
+                    ws = torch.empty(v * min(chunk_size, n - s), dtype=torch.float32, device=dev)
+                zt = ws[: v * (e - s)].view(v, e - s)
+            c = e - s
+            losses[s:e] = _ce_chunk(hc[s:e], wc, y[s:e], softcap, zt, tile, gh[s:e] if need_gh else None,
+                                    gw, accumulate=s > 0)
+            s = e
+        del wc, hc, ws, tile
+        if need_gw and n == 0:
+            gw.zero_()
         # Keep the saved gradients in the inputs' dtypes (halves them for bf16).
         ctx.gh = gh.to(h.dtype) if gh is not None else None
         ctx.gw = gw.to(weight.dtype) if gw is not None else None
