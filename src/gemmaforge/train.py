@@ -177,24 +177,61 @@ def lr_lambda(cfg: TrainConfig):
 
 # ----------------------------------------------------------------------------------- memory
 
-def keep_freed_memory_small() -> bool:
-    """Make glibc hand large freed blocks back to the OS (Linux, CPU training).
+class ReturnFreedMemory:
+    """Hand freed heap memory back to the OS at a few points of a CPU training step (glibc only).
 
-    glibc serves blocks below its mmap threshold from the heap, and raises that threshold (up to
-    32 MiB) each time a large block is freed, so after one step every activation-sized buffer is
-    recycled from a heap that never shrinks: the resident size of a 270M fine-tune grows ~0.6 GiB
-    above what is live. A fixed 128 KiB threshold maps each large buffer and unmaps it when freed.
-    Process-wide, so only the Trainer (which owns its process) calls it. Returns whether it applied."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
+    glibc recycles freed activations from a heap that never shrinks on its own: the resident size
+    of a 270M fine-tune sat ~0.6 GiB above what was live (holes left by temporaries, gradients
+    landing above freed activations). ``malloc_trim(0)`` releases every free page of the heap.
+    The Trainer calls it after the forward (before the LM-head loss, the step's memory peak) and,
+    through ``attach``, as the backward reaches each decoder block (freed activations go back
+    before the gradients that replace them grow the heap). Cheaper than a small fixed mmap
+    threshold, which maps, faults and unmaps every buffer above it on every allocation.
+    ``create()`` returns None where there is no glibc.
+    """
 
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_MMAP_THRESHOLD = -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
+    def __init__(self, trim):
+        self._trim = trim
+
+    @classmethod
+    def create(cls) -> "ReturnFreedMemory | None":
+        if not sys.platform.startswith("linux"):
+            return None
+        import ctypes
+
+        try:
+            fn = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            return None
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+        return cls(fn)
+
+    def __call__(self) -> None:
+        self._trim(0)
+
+    def attach(self, model) -> int:
+        """Trim when the gradient reaches each decoder block's output; returns the hooked blocks."""
+        from .transforms.checkpointing import decoder_layers
+
+        try:
+            layers = decoder_layers(model)
+        except TypeError:
+            return 0
+
+        def on_grad(_grad):
+            self()
+
+        def after_forward(_module, _args, out):
+            if torch.compiler.is_compiling():  # a compiled block (``--compile``): no tensor hooks in the graph
+                return
+            t = out if isinstance(out, torch.Tensor) else next((o for o in out if isinstance(o, torch.Tensor)), None) \
+                if isinstance(out, (tuple, list)) else None
+            if t is not None and t.requires_grad and torch.is_grad_enabled():
+                t.register_hook(on_grad)
+
+        for _, layer in layers:
+            layer.register_forward_hook(after_forward)
+        return len(layers)
 
 
 class TiedEmbeddingGrad:
@@ -271,8 +308,9 @@ class Trainer:
         self._apply_transforms()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.tied_grad = TiedEmbeddingGrad(self.model) if TiedEmbeddingGrad.applies(self.model) else None
-        if self.device.type == "cpu":
-            keep_freed_memory_small()
+        self.trim = ReturnFreedMemory.create() if self.device.type == "cpu" else None
+        if self.trim is not None:
+            self.trim.attach(self.model)
         fused = self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay, cfg.decay_norms_and_embeddings),
                                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
@@ -380,6 +418,8 @@ class Trainer:
             else:
                 hidden = self.model(ids, cu_seqlens=cu, return_hidden=True)
         labels = batch["labels"].to(self.device).reshape(-1)
+        if self.trim is not None and torch.is_grad_enabled():
+            self.trim()  # the forward's temporaries go back before the loss's [V, H] gradient arrives
         return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.model.head_weight(), labels,
                                      softcap=getattr(self.model.config, "final_logit_softcapping", None),
                                      chunk_size=self.cfg.loss_chunk_size, reduction="sum")
