@@ -1,10 +1,10 @@
 """Training throughput and MFU of a Gemma 3 model on one GPU: bf16 autocast, packed rows.
 
-    python bench/bench_gpu_mfu.py [--preset gemma-3-1b] [--seq 4096] [--docs 4] [--steps 10]
+    python bench/bench_gpu_mfu.py [--preset gemma-3-1b] [--seq 4096] [--docs 4] [--steps 10] [--rows 1]
                                   [--configs sdpa,flex,sdpa+compile,flex+compile] [--json out.json]
 
 One optimizer step = the Trainer's step: packed forward (``cu_seqlens``) under bf16 autocast with
-fp32 master weights, chunked linear+cross-entropy over the tied head (TF32 matmuls on CUDA),
+fp32 master weights, chunked linear+cross-entropy over the tied head (bf16 operands, fp32 results),
 backward, fused AdamW. Each config runs in its own process (a compile that stalls cannot take
 the others down); each reports the median of ``--steps`` timed steps after 3 warm-up steps.
 
@@ -48,7 +48,8 @@ def doc_lengths(seq: int, docs: int) -> list[int]:
     return [b - a for a, b in zip([0] + cuts, cuts + [seq])]
 
 
-def worker(preset: str, seq: int, docs: int, steps: int, config: str, profile: str | None = None) -> dict:
+def worker(preset: str, seq: int, docs: int, steps: int, config: str, profile: str | None = None,
+           rows: int = 1) -> dict:
     import torch
 
     import gemmaforge
@@ -69,9 +70,9 @@ def worker(preset: str, seq: int, docs: int, steps: int, config: str, profile: s
 
         compile_blocks(model)
     cfg = model.config
-    lens = doc_lengths(seq, docs)
+    lens = doc_lengths(seq, docs) * rows  # ``rows`` packed rows of ``seq`` tokens, laid end to end
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device=dev)
-    ids = torch.randint(10, cfg.vocab_size, (1, seq), device=dev)
+    ids = torch.randint(10, cfg.vocab_size, (1, seq * rows), device=dev)
     labels = ids[0].roll(-1).clone()
     labels[cu[1:] - 1] = -100  # no label across a document boundary
     opt = torch.optim.AdamW(param_groups(model, 0.0, False), lr=1e-5, fused=True)
@@ -113,7 +114,7 @@ def worker(preset: str, seq: int, docs: int, steps: int, config: str, profile: s
     fl = model_flops(cfg, lens)
     st = statistics.median(times)
     return {"config": config, "device": name, "torch": torch.__version__, "preset": preset, "seq": seq,
-            "doc_lens": lens, "step_s": st, "tokens_per_s": seq / st, "tflops": fl / st / 1e12,
+            "rows": rows, "doc_lens": lens, "step_s": st, "tokens_per_s": seq * rows / st, "tflops": fl / st / 1e12,
             "mfu": fl / st / peak if peak else None, "warmup_s": warm, "losses": losses,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0, "model_tflop_per_step": fl / 1e12}
 
@@ -124,6 +125,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--docs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rows", type=int, default=1, help="packed rows of --seq tokens per optimizer step")
     ap.add_argument("--configs", default="sdpa,flex,sdpa+compile,flex+compile")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per config")
     ap.add_argument("--json", default=None)
@@ -131,12 +133,12 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="write a per-kernel profile of one step to PREFIX.CONFIG.txt")
     a = ap.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.preset, a.seq, a.docs, a.steps, a.worker, a.profile)), flush=True)
+        print(json.dumps(worker(a.preset, a.seq, a.docs, a.steps, a.worker, a.profile, a.rows)), flush=True)
         return
     results = []
     for c in a.configs.split(","):
         cmd = [sys.executable, __file__, "--worker", c, "--preset", a.preset, "--seq", str(a.seq), "--docs",
-               str(a.docs), "--steps", str(a.steps)] + (["--profile", a.profile] if a.profile else [])
+               str(a.docs), "--steps", str(a.steps), "--rows", str(a.rows)] + (["--profile", a.profile] if a.profile else [])
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
             if out.returncode:
@@ -151,7 +153,7 @@ def main() -> None:
             print(f"{c:14s} ERROR {r['error']}", flush=True)
         else:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-            print(f"{c:14s} {r['step_s'] * 1e3:7.1f} ms/step  {r['tokens_per_s']:8.0f} tokens/s  "
+            print(f"{c:14s} rows {r['rows']} {r['step_s'] * 1e3:7.1f} ms/step  {r['tokens_per_s']:8.0f} tokens/s  "
                   f"{r['tflops']:6.1f} TFLOP/s  MFU {mfu}  peak {r['peak_mem_gib']:.1f} GiB  "
                   f"warm-up {r['warmup_s']:.0f} s  loss {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}  [{r['device']}]",
                   flush=True)

@@ -124,3 +124,39 @@ def test_greedy_generation_on_cuda_equals_cpu():
     a = generate_ids(cpu, prompt, max_new_tokens=24, stop_ids=set()).ids
     b = generate_ids(gpu, prompt, max_new_tokens=24, stop_ids=set()).ids
     assert a == b
+
+
+def test_cuda_autocast_head_loss_uses_bf16_operands_with_fp32_results():
+    """Under CUDA bf16 autocast the fused LM-head loss multiplies bf16 operands into fp32: its loss and
+    gradients sit at bf16-operand distance from the fp32 reference (not identical, not far), with
+    several vocabulary blocks and a second (accumulating) token chunk; outside autocast it is fp32."""
+    import gemmaforge.loss as L
+
+    g = torch.Generator().manual_seed(0)
+    n, hdim, v = 300, 64, 5000
+    h = (torch.randn(n, hdim, generator=g)).cuda()
+    w = (torch.randn(v, hdim, generator=g) * 0.3).cuda()
+    y = torch.randint(0, v, (n,), generator=g).cuda()
+    old = L._VOCAB_BLOCK_GPU
+    L._VOCAB_BLOCK_GPU = 1024  # five blocks, the last one partial
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+        ref = L.naive_cross_entropy(h1, w1, y, reduction="sum")
+        ref.backward()
+        h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert L._lowp_gemm_dtype(h2) == torch.bfloat16
+            out = chunked_cross_entropy(h2, w2, y, reduction="sum", chunk_size=128)
+        out.backward()
+        h3, w3 = h.clone().requires_grad_(), w.clone().requires_grad_()
+        fp32 = chunked_cross_entropy(h3, w3, y, reduction="sum", chunk_size=128)
+        fp32.backward()
+    finally:
+        L._VOCAB_BLOCK_GPU = old
+    assert out.dtype == torch.float32 and h2.grad.dtype == torch.float32
+    torch.testing.assert_close(fp32, ref, rtol=1e-5, atol=1e-3)  # no autocast: the fp32 path
+    torch.testing.assert_close(w3.grad, w1.grad, rtol=1e-4, atol=1e-5)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert 0 < rel(out, ref) < 5e-3
+    assert rel(h2.grad, h1.grad) < 3e-2 and rel(w2.grad, w1.grad) < 3e-2

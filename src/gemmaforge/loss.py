@@ -42,6 +42,11 @@ Design choices
   otherwise carry a rounding error of ~0.08).  The losses are returned in fp32;
   gradients are returned in the dtype of the respective input, accumulated in
   fp32 over the chunks.
+  Exception, the fused cross-entropy under CUDA autocast (bf16/fp16): its three
+  GEMMs take operands in the autocast dtype, like every other matmul of an
+  autocast step, and accumulate and return fp32 (``torch.mm(out_dtype=)``);
+  logits, softmax and gradients stay fp32. (TF32 GEMMs of the 262k head were a
+  third of a 1B model's GPU step.)
 * **Cross-entropy with ``"sum"``/``"mean"``: fused.**  The scalar loss has a
   scalar upstream gradient, so the gradients wrt ``hidden`` and ``weight`` are
   computed in the *same* pass as the loss (the softmax of the chunk is already
@@ -179,7 +184,46 @@ class _Workspace:
 # --------------------------------------------------------------------------- #
 # fused cross-entropy (sum / mean)
 # --------------------------------------------------------------------------- #
-_VOCAB_BLOCK = 4096  # vocabulary rows per softmax/gradient block (a [block, C] fp32 tile stays in cache)
+_VOCAB_BLOCK = 4096  # CPU: vocabulary rows per softmax/gradient block (a [block, C] fp32 tile stays in cache)
+_VOCAB_BLOCK_GPU = 65536  # accelerators: few, large blocks (kernel launches, not cache, are the cost)
+
+
+def _block_rows(device: torch.device) -> int:
+    return _VOCAB_BLOCK if device.type == "cpu" else _VOCAB_BLOCK_GPU
+
+
+_OUT_DTYPE_MM: dict = {}
+
+
+def _lowp_gemm_dtype(h: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype when the caller runs under CUDA autocast and ``torch.mm`` can multiply
+    that dtype into fp32 (``out_dtype``); else None (fp32 GEMMs)."""
+    if h.device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
+        return None
+    dt = torch.get_autocast_dtype("cuda")
+    if dt not in (torch.bfloat16, torch.float16):
+        return None
+    if dt not in _OUT_DTYPE_MM:
+        try:
+            a = torch.ones(2, 2, device=h.device, dtype=dt)
+            with torch.autocast("cuda", enabled=False):
+                _OUT_DTYPE_MM[dt] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_MM[dt] = False
+    return dt if _OUT_DTYPE_MM[dt] else None
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool, lowp: Optional[torch.dtype]):
+    """``out (+)= a @ b`` into an fp32 ``out``; with ``lowp`` the operands are in that dtype and the
+    product is accumulated and returned in fp32 (``out_dtype``), as autocast's matmuls are."""
+    if lowp is None:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return
+    r = torch.mm(a, b, out_dtype=torch.float32)
+    out.add_(r) if accumulate else out.copy_(r)
 
 
 def _ce_chunk(
@@ -192,6 +236,7 @@ def _ce_chunk(
     gh_out: Optional[torch.Tensor],
     gw_out: Optional[torch.Tensor],
     accumulate: bool,
+    lowp: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Token losses of one chunk; writes d(sum loss)/d(hidden) and (+)= d(sum loss)/d(weight).
 
@@ -206,8 +251,9 @@ def _ce_chunk(
     run backwards), so the ``[V, H]`` gradient buffer doubles as the logits buffer.
     """
     v, c = wc.shape[0], h_c.shape[0]
+    block = _block_rows(h_c.device)
     cols = torch.arange(c, device=h_c.device)
-    torch.mm(wc, h_c.t(), out=zt)  # raw logits, [V, C]
+    _gemm(wc, h_c.t(), zt, False, lowp)  # raw logits, [V, C]
     if softcap is not None:
         zt.div_(softcap).tanh_()  # t = tanh(z / cap): kept for the derivative; logits = cap * t
         scale = float(softcap)
@@ -218,8 +264,8 @@ def _ce_chunk(
         m = m * scale
     tgt = zt[y_c, cols] * scale
     s = torch.zeros(c, dtype=torch.float32, device=h_c.device)
-    for b0 in range(0, v, _VOCAB_BLOCK):
-        b1 = min(b0 + _VOCAB_BLOCK, v)
+    for b0 in range(0, v, block):
+        b1 = min(b0 + block, v)
         t = tile[: (b1 - b0) * c].view(b1 - b0, c)
         torch.mul(zt[b0:b1], scale, out=t) if scale != 1.0 else t.copy_(zt[b0:b1])
         s += t.sub_(m).exp_().sum(dim=0)
@@ -227,9 +273,9 @@ def _ce_chunk(
     loss = lse - tgt
     if gh_out is None and gw_out is None:
         return loss
-    blocks = list(range(0, v, _VOCAB_BLOCK))
+    blocks = list(range(0, v, block))
     for i, b0 in enumerate(reversed(blocks)):
-        b1 = min(b0 + _VOCAB_BLOCK, v)
+        b1 = min(b0 + block, v)
         p = tile[: (b1 - b0) * c].view(b1 - b0, c)
         zb = zt[b0:b1]
         torch.mul(zb, scale, out=p) if scale != 1.0 else p.copy_(zb)
@@ -240,16 +286,11 @@ def _ce_chunk(
         if softcap is not None:
             # d/dz [cap * tanh(z / cap)] = 1 - tanh(z / cap)^2 (read before the gradient overwrites zb)
             p.mul_(zb.square().neg_().add_(1.0))
+        pg = p if lowp is None else p.to(lowp)
         if gh_out is not None:
-            if i == 0:
-                torch.mm(p.t(), wc[b0:b1], out=gh_out)
-            else:
-                gh_out.addmm_(p.t(), wc[b0:b1])
+            _gemm(pg.t(), wc[b0:b1], gh_out, i > 0, lowp)
         if gw_out is not None:
-            if accumulate:
-                gw_out[b0:b1].addmm_(p, h_c)
-            else:
-                torch.mm(p, h_c, out=gw_out[b0:b1])
+            _gemm(pg, h_c, gw_out[b0:b1], accumulate, lowp)
     return loss
 
 
@@ -264,17 +305,17 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @_fp32_region
-    def forward(ctx, h, weight, y, softcap, chunk_size, need_gh, need_gw):
+    def forward(ctx, h, weight, y, softcap, chunk_size, need_gh, need_gw, lowp=None):
         n, hdim = h.shape
         v = weight.shape[0]
         dev = h.device
-        wc = _fp32(weight)
-        hc = _fp32(h)
+        wc = _fp32(weight) if lowp is None else weight.to(lowp)
+        hc = _fp32(h) if lowp is None else h.to(lowp)
         losses = torch.empty(n, dtype=torch.float32, device=dev)
         gh = torch.empty((n, hdim), dtype=torch.float32, device=dev) if need_gh else None
         gw = torch.empty((v, hdim), dtype=torch.float32, device=dev) if need_gw else None
         first = min(n, hdim) if need_gw else 0
-        tile = torch.empty(min(_VOCAB_BLOCK, v) * max(min(n, max(first, chunk_size)), 1),
+        tile = torch.empty(min(_block_rows(dev), v) * max(min(n, max(first, chunk_size)), 1),
                            dtype=torch.float32, device=dev)  # flat: viewed [block, C] per chunk
         ws = None
         s = 0
@@ -289,7 +330,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 zt = ws[: v * (e - s)].view(v, e - s)
             c = e - s
             losses[s:e] = _ce_chunk(hc[s:e], wc, y[s:e], softcap, zt, tile, gh[s:e] if need_gh else None,
-                                    gw, accumulate=s > 0)
+                                    gw, accumulate=s > 0, lowp=lowp)
             s = e
         del wc, hc, ws, tile
         if need_gw and n == 0:
@@ -318,7 +359,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 gh.mul_(grad_out.to(gh.dtype))
             if gw is not None:
                 gw.mul_(grad_out.to(gw.dtype))
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- #
@@ -501,7 +542,8 @@ def chunked_cross_entropy(
     grad_on = torch.is_grad_enabled()
     need_gh = grad_on and hidden.requires_grad
     need_gw = grad_on and weight.requires_grad
-    total = _FusedCrossEntropy.apply(h_v, weight, y_v, softcap, chunk_size, need_gh, need_gw)
+    total = _FusedCrossEntropy.apply(h_v, weight, y_v, softcap, chunk_size, need_gh, need_gw,
+                                     _lowp_gemm_dtype(h_v))
     if reduction == "mean":
         # nan when nothing is valid, like F.cross_entropy (whose gradients are then 0)
         total = total / n_valid if n_valid > 0 else total * 0.0 + float("nan")
