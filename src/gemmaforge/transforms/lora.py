@@ -73,7 +73,14 @@ class LoraLinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        # y += scaling * (A x) B^T as one in-place addmm (the base output is not saved for backward):
+        # no [tokens, out] temporaries for the adapter's product, its scaling and the sum
+        a = self.lora_A(self.dropout(x))
+        b = self.lora_B.weight
+        if a.dtype != y.dtype or b.dtype != y.dtype or self.lora_B.bias is not None:
+            return y + self.lora_B(a) * self.scaling  # mixed dtypes (autocast) or a biased adapter
+        y.view(-1, y.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), b.t(), alpha=self.scaling)
+        return y
 
     def delta(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
