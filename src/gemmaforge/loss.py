@@ -267,8 +267,11 @@ def _ce_chunk(
     for b0 in range(0, v, block):
         b1 = min(b0 + block, v)
         t = tile[: (b1 - b0) * c].view(b1 - b0, c)
-        torch.mul(zt[b0:b1], scale, out=t) if scale != 1.0 else t.copy_(zt[b0:b1])
-        s += t.sub_(m).exp_().sum(dim=0)
+        if scale != 1.0:
+            torch.mul(zt[b0:b1], scale, out=t).sub_(m)
+        else:
+            torch.sub(zt[b0:b1], m, out=t)
+        s += t.exp_().sum(dim=0)
     lse = m + s.log()
     loss = lse - tgt
     if gh_out is None and gw_out is None:
@@ -278,8 +281,11 @@ def _ce_chunk(
         b1 = min(b0 + block, v)
         p = tile[: (b1 - b0) * c].view(b1 - b0, c)
         zb = zt[b0:b1]
-        torch.mul(zb, scale, out=p) if scale != 1.0 else p.copy_(zb)
-        p.sub_(lse).exp_()  # softmax
+        if scale != 1.0:
+            torch.mul(zb, scale, out=p).sub_(lse)
+        else:
+            torch.sub(zb, lse, out=p)
+        p.exp_()  # softmax
         # p - onehot, without a host sync: labels outside the block add 0 at a clamped row
         hit = ((y_c >= b0) & (y_c < b1)).to(p.dtype)
         p.index_put_((((y_c - b0).clamp_(0, b1 - b0 - 1)), cols), hit.neg_(), accumulate=True)
