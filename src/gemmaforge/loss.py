@@ -259,19 +259,21 @@ def _ce_chunk(
         scale = float(softcap)
     else:
         scale = 1.0
-    m = zt.amax(dim=0)
-    if scale != 1.0:
-        m = m * scale
     tgt = zt[y_c, cols] * scale
+    # pass 1: online log-sum-exp over the blocks (each block is read while it sits in cache)
+    m = torch.full((c,), float("-inf"), dtype=torch.float32, device=h_c.device)
     s = torch.zeros(c, dtype=torch.float32, device=h_c.device)
     for b0 in range(0, v, block):
         b1 = min(b0 + block, v)
+        zb = zt[b0:b1]
         t = tile[: (b1 - b0) * c].view(b1 - b0, c)
         if scale != 1.0:
-            torch.mul(zt[b0:b1], scale, out=t).sub_(m)
-        else:
-            torch.sub(zt[b0:b1], m, out=t)
+            zb = torch.mul(zb, scale, out=t)
+        m_new = torch.maximum(m, zb.amax(dim=0))
+        s.mul_(torch.exp(m - m_new))
+        torch.sub(zb, m_new, out=t)
         s += t.exp_().sum(dim=0)
+        m = m_new
     lse = m + s.log()
     loss = lse - tgt
     if gh_out is None and gw_out is None:
