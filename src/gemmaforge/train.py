@@ -61,7 +61,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     device: str | None = None
     attn_backend: str | None = None
-    loss_chunk_size: int = 128  # tokens per LM-head chunk: a [chunk, vocab] fp32 buffer (128 MiB at 262k vocab)
+    loss_chunk_size: int = 256  # tokens per LM-head chunk beyond the first min(T, hidden) (those use the
+    # weight-gradient buffer): a [chunk, vocab] fp32 buffer, 256 MiB at 262k vocab; a frozen head (LoRA) always uses it
     resume: str | None = None
     lora_rank: int = 0
     lora_alpha: float | None = None

@@ -70,17 +70,19 @@ class LoraLinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         if self.merged:
-            return y
-        # y += scaling * (A x) B^T as one in-place addmm (the base output is not saved for backward):
-        # no [tokens, out] temporaries for the adapter's product, its scaling and the sum
-        a = self.lora_A(self.dropout(x))
+            return F.linear(x, self.weight, self.bias)
         b = self.lora_B.weight
-        if a.dtype != y.dtype or b.dtype != y.dtype or self.lora_B.bias is not None:
-            return y + self.lora_B(a) * self.scaling  # mixed dtypes (autocast) or a biased adapter
-        y.view(-1, y.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), b.t(), alpha=self.scaling)
-        return y
+        if x.dtype != self.weight.dtype or b.dtype != self.weight.dtype or self.lora_B.bias is not None \
+                or torch.is_autocast_enabled(x.device.type):
+            y = F.linear(x, self.weight, self.bias)  # mixed dtypes (autocast) or a biased adapter
+            return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        # y += scaling * (A x) B^T as one in-place addmm on the 2-D base output (not a view, and not
+        # saved for backward): no [tokens, out] temporaries for the adapter's product, scaling and sum
+        x2 = x.reshape(-1, x.shape[-1])
+        y = F.linear(x2, self.weight, self.bias)
+        y.addmm_(self.lora_A(self.dropout(x2)), b.t(), alpha=self.scaling)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def delta(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
