@@ -159,16 +159,17 @@ def main() -> None:
         print(f"{k:15s} step {r['step_s']:6.2f}s  {tps:6.1f} tokens/s  peak RSS {r['peak_rss'] / 2**30:5.2f} GiB  "
               f"first loss {r['losses'][0]:.4f}  ({r['flops'] / r['step_s'] / 1e9:.0f} GFLOP/s achieved)  "
               f"steps {' '.join(f'{t:.2f}' for t in r['times'])}")
+    def compare(fast: dict, slow: dict, what: str, speed_goal: str, mem_goal: str) -> None:
+        pairs = [b / a_ for a_, b in zip(fast["times"], slow["times"])]
+        print(f"{what}: speed {slow['step_s'] / fast['step_s']:.2f}x of medians, {statistics.median(pairs):.2f}x "
+              f"median of back-to-back pairs ({' '.join(f'{x:.2f}' for x in pairs)}) (goal {speed_goal}); "
+              f"memory {fast['peak_rss'] / slow['peak_rss']:.2f}x (goal {mem_goal})")
+
     if "gemmaforge-lora" in res and "gemmaforge" in res:
-        lo, g = res["gemmaforge-lora"], res["gemmaforge"]
-        print(f"LoRA r16 vs full fine-tune: speed {g['step_s'] / lo['step_s']:.2f}x (goal >= 1.2x), memory "
-              f"{lo['peak_rss'] / g['peak_rss']:.2f}x (goal <= 0.5x)")
+        compare(res["gemmaforge-lora"], res["gemmaforge"], "LoRA r16 vs full fine-tune", ">= 1.2x", "<= 0.5x")
     if "gemmaforge" in res and "transformers" in res:
-        g, t = res["gemmaforge"], res["transformers"]
-        pairs = [b / a_ for a_, b in zip(g["times"], t["times"])]
-        print(f"speed ratio {t['step_s'] / g['step_s']:.2f}x of medians, {statistics.median(pairs):.2f}x median of "
-              f"back-to-back pairs ({' '.join(f'{x:.2f}' for x in pairs)}) (goal >= 1.4x); memory ratio "
-              f"{g['peak_rss'] / t['peak_rss']:.2f}x (goal <= 0.7x)")
+        g = res["gemmaforge"]
+        compare(g, res["transformers"], "gemmaforge vs transformers", ">= 1.4x", "<= 0.7x")
         print(f"compute floor: {g['flops'] / 1e9:.0f} GFLOP per step; at 120 GFLOP/s = {g['flops'] / 120e9:.1f}s; "
               f"gemmaforge reaches {g['flops'] / 120e9 / g['step_s']:.0%} of that floor")
 
