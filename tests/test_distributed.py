@@ -218,6 +218,48 @@ def test_dcp_refuses_an_incomplete_checkpoint(tmp_path):
         load_distributed(tmp_path / "ck", model)
 
 
+def test_dcp_optimizer_groups_are_saved_per_parameter_and_old_versions_refused(tmp_path):
+    """The optimizer state is flattened per parameter (each rank saves the group settings of its own
+    parameters): a round trip into an optimizer whose groups list the parameters in another order
+    and with other settings restores every parameter's lr/weight decay and moments; a checkpoint of
+    another format version is refused in one line."""
+    import json
+
+    from gemmaforge.checkpoint.dcp import load_distributed, save_distributed
+    from gemmaforge.errors import CheckpointError
+
+    model = gemmaforge_tiny()
+    mats = [p for p in model.parameters() if p.dim() >= 2]
+    vecs = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": mats, "lr": 1e-3, "weight_decay": 0.1},
+                             {"params": vecs, "lr": 5e-4, "weight_decay": 0.0}])
+    model(torch.tensor([[3, 4, 5, 6]])).float().pow(2).mean().backward()
+    opt.step()
+    save_distributed(tmp_path / "ck", model, opt, extra={"step": 1})
+    names = {id(p): n for n, p in model.named_parameters()}
+    want = {names[id(p)]: (g["lr"], g["weight_decay"], opt.state[p]["exp_avg"].clone())
+            for g in opt.param_groups for p in g["params"]}
+
+    model2 = gemmaforge_tiny()
+    mats2 = [p for p in model2.parameters() if p.dim() >= 2]
+    vecs2 = [p for p in model2.parameters() if p.dim() < 2]
+    opt2 = torch.optim.AdamW([{"params": vecs2, "lr": 9.0, "weight_decay": 9.0},
+                              {"params": mats2, "lr": 9.0, "weight_decay": 9.0}])
+    assert load_distributed(tmp_path / "ck", model2, opt2) == {"step": 1}
+    names2 = {id(p): n for n, p in model2.named_parameters()}
+    got = {names2[id(p)]: (g["lr"], g["weight_decay"], opt2.state[p]["exp_avg"])
+           for g in opt2.param_groups for p in g["params"]}
+    assert got.keys() == want.keys()
+    for n, (lr, wd, m) in want.items():
+        assert got[n][:2] == (lr, wd), n
+        torch.testing.assert_close(got[n][2], m, rtol=0, atol=0, msg=n)
+
+    meta = tmp_path / "ck" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": 1}))
+    with pytest.raises(CheckpointError, match="format version 1"):
+        load_distributed(tmp_path / "ck", model2, opt2)
+
+
 def gemmaforge_tiny():
     import gemmaforge
 

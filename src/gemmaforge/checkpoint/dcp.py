@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ..errors import CheckpointError
 
 FORMAT = "gemmaforge-dcp"
-VERSION = 1
+VERSION = 2  # 2: optimizer state flattened per parameter (each rank's own param_groups entries)
 
 
 def _is_dist() -> bool:
@@ -42,6 +42,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _options():
+    """Optimizer state flattened to ``state.<fqn>.<key>`` / ``param_groups.<fqn>.<key>``: every rank
+    saves and loads the group settings of its own parameters. (Unflattened, ``param_groups`` is one
+    non-tensor object that DCP keeps from a single rank, wrong for pipeline stages and any layout
+    where ranks hold different parameters.)"""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def _state(model, optimizer):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -49,7 +59,7 @@ def _state(model, optimizer):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         return {"model": get_model_state_dict(model)}
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(model, optimizer, options=_options())
     return {"model": msd, "optim": osd}
 
 
@@ -89,6 +99,8 @@ def load_distributed(path: str | os.PathLike, model, optimizer=None) -> dict:
         raise CheckpointError(f"{meta_path}: unreadable") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: not a {FORMAT} checkpoint")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{meta_path}: format version {meta.get('version')}, this gemmaforge reads {VERSION}")
     if optimizer is not None and not meta.get("has_optimizer"):
         raise CheckpointError(f"{p}: saved without optimizer state")
     state = _state(model, optimizer)
@@ -99,5 +111,6 @@ def load_distributed(path: str | os.PathLike, model, optimizer=None) -> dict:
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=_options())
     return torch.load(p / "extra.pt", weights_only=False)
