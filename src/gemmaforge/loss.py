@@ -213,6 +213,14 @@ def _lowp_gemm_dtype(h: torch.Tensor) -> Optional[torch.dtype]:
     return dt if _OUT_DTYPE_MM[dt] else None
 
 
+def _vocab_blocks(v: int, block: int, c: int, tile: torch.Tensor, reverse: bool = False):
+    """``(b0, b1, t)`` per block of ``block`` vocabulary rows, ``t`` the ``[b1 - b0, C]`` view of the flat ``tile``."""
+    starts = range(0, v, block)
+    for b0 in (reversed(starts) if reverse else starts):
+        b1 = min(b0 + block, v)
+        yield b0, b1, tile[: (b1 - b0) * c].view(b1 - b0, c)
+
+
 def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool, lowp: Optional[torch.dtype]):
     """``out (+)= a @ b`` into an fp32 ``out``; with ``lowp`` the operands are in that dtype and the
     product is accumulated and returned in fp32 (``out_dtype``), as autocast's matmuls are."""
@@ -263,10 +271,8 @@ def _ce_chunk(
     # pass 1: online log-sum-exp over the blocks (each block is read while it sits in cache)
     m = torch.full((c,), float("-inf"), dtype=torch.float32, device=h_c.device)
     s = torch.zeros(c, dtype=torch.float32, device=h_c.device)
-    for b0 in range(0, v, block):
-        b1 = min(b0 + block, v)
+    for b0, b1, t in _vocab_blocks(v, block, c, tile):
         zb = zt[b0:b1]
-        t = tile[: (b1 - b0) * c].view(b1 - b0, c)
         if scale != 1.0:
             zb = torch.mul(zb, scale, out=t)
         m_new = torch.maximum(m, zb.amax(dim=0))
@@ -278,10 +284,7 @@ def _ce_chunk(
     loss = lse - tgt
     if gh_out is None and gw_out is None:
         return loss
-    blocks = list(range(0, v, block))
-    for i, b0 in enumerate(reversed(blocks)):
-        b1 = min(b0 + block, v)
-        p = tile[: (b1 - b0) * c].view(b1 - b0, c)
+    for i, (b0, b1, p) in enumerate(_vocab_blocks(v, block, c, tile, reverse=True)):
         zb = zt[b0:b1]
         if scale != 1.0:
             torch.mul(zb, scale, out=p).sub_(lse)

@@ -225,8 +225,8 @@ class ReturnFreedMemory:
         def after_forward(_module, _args, out):
             if torch.compiler.is_compiling():  # a compiled block (``--compile``): no tensor hooks in the graph
                 return
-            t = out if isinstance(out, torch.Tensor) else next((o for o in out if isinstance(o, torch.Tensor)), None) \
-                if isinstance(out, (tuple, list)) else None
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            t = next((o for o in outs if isinstance(o, torch.Tensor)), None)
             if t is not None and t.requires_grad and torch.is_grad_enabled():
                 t.register_hook(on_grad)
 
