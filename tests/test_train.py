@@ -199,29 +199,49 @@ def test_tied_embedding_gradient_accumulated_in_place_equals_autograd(tmp_path):
     assert not TiedEmbeddingGrad.applies(from_config(preset("mistral-tiny")))
 
 
-def test_return_freed_memory_trims_before_the_loss_and_at_each_block_backward(tmp_path):
-    """On Linux CPU the Trainer hands freed heap memory back (malloc_trim) once after the forward and
-    once as the backward reaches each decoder block; the losses equal a run without it."""
+def test_return_freed_memory_trims_before_the_loss_and_when_backward_grows(tmp_path):
+    """On Linux CPU the Trainer hands freed heap memory back (malloc_trim) once after the forward;
+    as the backward reaches each decoder block it reads the resident size, the first block sets the
+    mark and a later block trims only when the size exceeds mark + slack. Losses equal a run
+    without any of it."""
     import sys
 
     from gemmaforge.train import ReturnFreedMemory
 
-    tr = make_trainer(tmp_path, name="trim", steps=2)
+    tr = make_trainer(tmp_path, name="trim", steps=3)
     if not sys.platform.startswith("linux"):
         assert tr.trim is None
         return
-    assert isinstance(tr.trim, ReturnFreedMemory)
+    assert isinstance(tr.trim, ReturnFreedMemory) and tr.trim.slack == ReturnFreedMemory.SLACK
     n_layers = tr.model.config.num_hidden_layers
-    calls = []
+    assert n_layers >= 2
+    calls, sizes = [], []
     real = tr.trim._trim
     tr.trim._trim = lambda pad: calls.append(pad) or real(pad)
-    with_trim = [tr.train_step()["loss"] for _ in range(2)]
-    assert len(calls) == 2 * tr.cfg.accum * (1 + n_layers)  # per micro-batch: before the loss, then per block
+    tr.trim.slack = 100
+
+    def growing():  # resident size grows by 1000 bytes per reading: every later block trims
+        sizes.append(10_000 + 1000 * len(sizes))
+        return sizes[-1]
+
+    tr.trim._rss = growing
+    losses = [tr.train_step()["loss"]]
+    per_step = tr.cfg.accum * (1 + n_layers - 1)  # before the loss; every block after the first
+    assert len(calls) == per_step and len(sizes) == tr.cfg.accum * n_layers
+    calls.clear()
+    tr.trim._rss = lambda: 10_000  # flat: the backward never trims
+    losses.append(tr.train_step()["loss"])
+    assert len(calls) == tr.cfg.accum  # only before each loss
+    calls.clear()
+    tr.trim._rss = ReturnFreedMemory(None)._rss  # the real /proc reading
+    assert tr.trim._rss() > 0
+    losses.append(tr.train_step()["loss"])
+    assert tr.cfg.accum <= len(calls) <= tr.cfg.accum * n_layers
     calls.clear()
     with torch.no_grad():  # no gradient: no hooks, no trims
         tr.model(torch.tensor([[3, 4, 5]]))
     assert calls == []
-    plain = make_trainer(tmp_path, name="notrim", steps=2)
+    plain = make_trainer(tmp_path, name="notrim", steps=3)
     plain.trim = None
-    without = [plain.train_step()["loss"] for _ in range(2)]
-    assert with_trim == without
+    without = [plain.train_step()["loss"] for _ in range(3)]
+    assert losses == without

@@ -79,6 +79,9 @@ Design choices
   logits inside the ``[V, H]`` gradient buffer itself (blocks run in reverse so the gradient only
   overwrites consumed logits): a 512-token step of a 640-wide model needs no ``[chunk, V]`` buffer
   at all. Otherwise one ``[chunk, V]`` buffer (1-3 for the log-probs paths, with soft-cap/entropy).
+  The valid rows are padded with zero rows to a multiple of ``_ROW_ALIGN`` (8), so the GEMMs never
+  see an odd token count (a 512-token row has 511 labelled tokens; MKL ran its ``[V, 511]`` logits
+  GEMM 1.4x slower than ``[V, 512]``); a zero row adds exactly 0 to the weight gradient.
   Peak extra memory is therefore at most ``(1..3) * chunk * V * 4`` bytes plus the ``[V, H]``
   weight gradient; nothing of size ``N * V`` is ever allocated.
 * Unused outputs: if only ``hidden``'s gradient is requested via
@@ -186,6 +189,7 @@ class _Workspace:
 # --------------------------------------------------------------------------- #
 _VOCAB_BLOCK = 4096  # CPU: vocabulary rows per softmax/gradient block (a [block, C] fp32 tile stays in cache)
 _VOCAB_BLOCK_GPU = 65536  # accelerators: few, large blocks (kernel launches, not cache, are the cost)
+_ROW_ALIGN = 8  # token rows are padded to a multiple of this (GEMM row lengths; see _FusedCrossEntropy)
 
 
 def _block_rows(device: torch.device) -> int:
@@ -317,11 +321,19 @@ class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @_fp32_region
     def forward(ctx, h, weight, y, softcap, chunk_size, need_gh, need_gw, lowp=None):
-        n, hdim = h.shape
+        n_in, hdim = h.shape
         v = weight.shape[0]
         dev = h.device
         wc = _fp32(weight) if lowp is None else weight.to(lowp)
         hc = _fp32(h) if lowp is None else h.to(lowp)
+        n = -(-n_in // _ROW_ALIGN) * _ROW_ALIGN
+        if n != n_in:
+            # Zero rows up to a multiple of _ROW_ALIGN: the logits GEMM writes [V, n] rows, and
+            # an odd row length (511 for a 512-token row's shifted labels) made MKL's GEMM 1.4x
+            # slower. A zero row adds exactly 0 to the weight gradient (its softmax times 0);
+            # its loss and hidden gradient are dropped below.
+            hc = torch.cat([hc, hc.new_zeros(n - n_in, hdim)])
+            y = torch.cat([y, y.new_zeros(n - n_in)])
         losses = torch.empty(n, dtype=torch.float32, device=dev)
         gh = torch.empty((n, hdim), dtype=torch.float32, device=dev) if need_gh else None
         gw = torch.empty((v, hdim), dtype=torch.float32, device=dev) if need_gw else None
@@ -347,10 +359,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if need_gw and n == 0:
             gw.zero_()
         # Keep the saved gradients in the inputs' dtypes (halves them for bf16).
-        ctx.gh = gh.to(h.dtype) if gh is not None else None
+        ctx.gh = gh[:n_in].to(h.dtype) if gh is not None else None
         ctx.gw = gw.to(weight.dtype) if gw is not None else None
         ctx.consumed = False
-        return losses.sum()
+        return losses[:n_in].sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
