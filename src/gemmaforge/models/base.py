@@ -85,6 +85,29 @@ def attn_output(o_proj: nn.Module, out: torch.Tensor, ctx: ForwardContext, layer
     return o_proj(z.reshape(B, S, -1))
 
 
+def sandwich_attention(layer: nn.Module, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """The attention half of a sandwich-norm decoder layer (Gemma 3 and 4), with its TransformerLens
+    hook sites: ``h + post_norm(attn(input_norm(h)))``, the residual at ``hook_resid_mid``. As in
+    TransformerLens, ``hook_attn_out`` is what reaches the residual (after the post-norm)."""
+    i, hk = layer.layer_idx, ctx.hook
+    h = hk(i, "hook_resid_pre", h)
+    a = layer.self_attn(hk(i, "ln1.hook_normalized", layer.input_layernorm(hk(i, "hook_attn_in", h))), ctx)
+    a = hk(i, "hook_attn_out", hk(i, "ln1_post.hook_normalized", layer.post_attention_layernorm(a)))
+    return hk(i, "hook_resid_mid", h + a)
+
+
+def sandwich_mlp(layer: nn.Module, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """The dense MLP of a sandwich-norm layer on the pre-MLP norm of ``h`` (before its post-norm)."""
+    i = layer.layer_idx
+    return layer.mlp(ctx.hook(i, "ln2.hook_normalized", layer.pre_feedforward_layernorm(h)), ctx.mlp_hook(i))
+
+
+def sandwich_mlp_out(layer: nn.Module, m: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """The MLP output's post-norm: what the residual receives (``hook_mlp_out``)."""
+    i, hk = layer.layer_idx, ctx.hook
+    return hk(i, "hook_mlp_out", hk(i, "ln2_post.hook_normalized", layer.post_feedforward_layernorm(m)))
+
+
 def splice_embeds(h: torch.Tensor, extra: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
     """Put ``extra`` [B, N, H] at ``positions`` [B, N] of ``h`` [B, S, H] (out of place, differentiable)."""
     if positions is None:

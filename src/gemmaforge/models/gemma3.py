@@ -27,7 +27,8 @@ from ..config import Gemma3Config
 from ..layers.embedding import ScaledEmbedding
 from ..layers.mlp import GatedMLP
 from ..layers.norm import GemmaRMSNorm
-from .base import CausalLM, ForwardContext, attn_output, rope_cache_attend
+from .base import (CausalLM, ForwardContext, attn_output, rope_cache_attend, sandwich_attention, sandwich_mlp,
+                   sandwich_mlp_out)
 
 
 class Gemma3Attention(nn.Module):
@@ -76,15 +77,9 @@ class Gemma3DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # hook sites carry TransformerLens names; with no hooks each is one cheap call returning its input
-        i, hk = self.layer_idx, ctx.hook
-        h = hk(i, "hook_resid_pre", h)
-        a = self.self_attn(hk(i, "ln1.hook_normalized", self.input_layernorm(hk(i, "hook_attn_in", h))), ctx)
-        # as TransformerLens: hook_attn_out / hook_mlp_out are what reaches the residual (after the post-norm)
-        a = hk(i, "hook_attn_out", hk(i, "ln1_post.hook_normalized", self.post_attention_layernorm(a)))
-        h = hk(i, "hook_resid_mid", h + a)
-        m = self.mlp(hk(i, "ln2.hook_normalized", self.pre_feedforward_layernorm(h)), ctx.mlp_hook(i))
-        m = hk(i, "hook_mlp_out", hk(i, "ln2_post.hook_normalized", self.post_feedforward_layernorm(m)))
-        return hk(i, "hook_resid_post", h + m)
+        h = sandwich_attention(self, h, ctx)
+        m = sandwich_mlp_out(self, sandwich_mlp(self, h, ctx), ctx)
+        return ctx.hook(self.layer_idx, "hook_resid_post", h + m)
 
 
 class Gemma3Model(nn.Module):

@@ -35,7 +35,7 @@ from ..layers.mlp import ACTIVATIONS, GatedMLP
 from ..layers.moe import Gemma4Experts, Gemma4Router
 from ..layers.norm import RMSNorm
 from ..layers.rope import apply_rope
-from .base import CausalLM, ForwardContext, attn_output
+from .base import CausalLM, ForwardContext, attn_output, sandwich_attention, sandwich_mlp, sandwich_mlp_out
 from .gemma3 import ScaledEmbedding
 
 STATE = "gemma4"
@@ -142,19 +142,15 @@ class Gemma4DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # hook sites carry TransformerLens names; with no hooks each is one cheap call returning its input
         i, hk = self.layer_idx, ctx.hook
-        h = hk(i, "hook_resid_pre", h)
-        a = self.self_attn(hk(i, "ln1.hook_normalized", self.input_layernorm(hk(i, "hook_attn_in", h))), ctx)
-        a = hk(i, "hook_attn_out", hk(i, "ln1_post.hook_normalized", self.post_attention_layernorm(a)))
-        h = hk(i, "hook_resid_mid", h + a)
-        m = self.mlp(hk(i, "ln2.hook_normalized", self.pre_feedforward_layernorm(h)), ctx.mlp_hook(i))
+        h = sandwich_attention(self, h, ctx)
+        m = sandwich_mlp(self, h, ctx)
         if self.moe:
             # dense MLP and experts side by side; the router and the experts read the residual h
             flat = h.reshape(-1, h.shape[-1])  # (B*S, hidden)
             _, weights, index = self.router(flat)
             e = self.experts(self.pre_feedforward_layernorm_2(flat), index, weights).reshape(h.shape)
             m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(e)
-        m = hk(i, "hook_mlp_out", hk(i, "ln2_post.hook_normalized", self.post_feedforward_layernorm(m)))
-        h = h + m
+        h = h + sandwich_mlp_out(self, m, ctx)
         if self.ple:
             p = ctx.shared[STATE].ple[:, :, i, :]  # (B, S, P)
             g = self.act(self.per_layer_input_gate(h)) * p
