@@ -139,6 +139,15 @@ def _check_chunk(chunk_size: int) -> int:
     return chunk_size
 
 
+def _check_softcap(softcap: Optional[float]) -> Optional[float]:
+    if softcap is None:
+        return None
+    softcap = float(softcap)
+    if softcap <= 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    return softcap
+
+
 def _check_range(y: torch.Tensor, vocab: int, name: str) -> None:
     if y.numel() and bool(((y < 0) | (y >= vocab)).any()):
         bad = y[(y < 0) | (y >= vocab)][:5].tolist()
@@ -538,10 +547,7 @@ def chunked_cross_entropy(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     chunk_size = _check_chunk(chunk_size)
-    if softcap is not None:
-        softcap = float(softcap)
-        if softcap <= 0:
-            raise ValueError(f"softcap must be positive, got {softcap}")
+    softcap = _check_softcap(softcap)
     h, y = _flatten_inputs(hidden, weight, labels, "labels")
     vocab = weight.shape[0]
 
@@ -596,10 +602,7 @@ def chunked_logprobs(
     temperature = float(temperature)
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    if softcap is not None:
-        softcap = float(softcap)
-        if softcap <= 0:
-            raise ValueError(f"softcap must be positive, got {softcap}")
+    softcap = _check_softcap(softcap)
     h, y = _flatten_inputs(hidden, weight, targets, "targets")
     _check_range(y, weight.shape[0], "targets")
     out = _ChunkedLogProbs.apply(h, weight, y, softcap, temperature, chunk_size, bool(return_entropy))
