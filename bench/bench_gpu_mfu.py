@@ -1,12 +1,17 @@
 """Training throughput and MFU of a Gemma 3 model on one GPU: bf16 autocast, packed rows.
 
     python bench/bench_gpu_mfu.py [--preset gemma-3-1b] [--seq 4096] [--docs 4] [--steps 10] [--rows 1]
-                                  [--configs sdpa,flex,sdpa+compile,flex+compile] [--json out.json]
+                                  [--configs sdpa,flash,flex,sdpa+compile,flash+compile,flex+compile] [--json out.json]
 
 One optimizer step = the Trainer's step: packed forward (``cu_seqlens``) under bf16 autocast with
 fp32 master weights, chunked linear+cross-entropy over the tied head (bf16 operands, fp32 results),
 backward, fused AdamW. Each config runs in its own process (a compile that stalls cannot take
 the others down); each reports the median of ``--steps`` timed steps after 3 warm-up steps.
+
+Backends: ``sdpa`` attends a packed row document by document (sliding layers with a dense window
+mask per document); ``flash`` runs every document of the row in one varlen FlashAttention-2 call
+(the flash-attn package if installed, else PyTorch's built-in kernel) with the window native;
+``flex`` uses a block mask. ``+compile`` compiles each decoder block.
 
 MFU = model FLOPs per step / step time / the GPU's dense bf16 peak. Model FLOPs: 6 x (matmul
 parameters incl. the tied head) x tokens + attention (QK^T and PV, forward x3), counted per

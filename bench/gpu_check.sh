@@ -11,5 +11,5 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider -o log_level=WARNING -rfEs 
     | grep -v DEBUG > "$OUT/test_cuda_full.txt"; grep -E "^(FAILED|ERROR|SKIPPED|E  +[A-Za-z_.]*(Error|Exception))|passed|failed" "$OUT/test_cuda_full.txt" | cut -c1-300 | tail -30
 for R in ${ROWS:-1}; do
 timeout ${MFU_TIMEOUT:-420} python3 bench/bench_gpu_mfu.py --preset gemma-3-1b --seq 4096 --docs 4 --steps 10 --rows "$R" \
-    --configs "${CONFIGS:-sdpa,flex,flex+compile}" --timeout 200 --json "$OUT/mfu_rows$R.json" ${PROFILE:+--profile "$OUT/prof_rows$R"} 2>&1 | tail -40 | tee -a "$OUT/mfu.txt"
+    --configs "${CONFIGS:-sdpa,flash,flash+compile,flex+compile}" --timeout 200 --json "$OUT/mfu_rows$R.json" ${PROFILE:+--profile "$OUT/prof_rows$R"} 2>&1 | tail -40 | tee -a "$OUT/mfu.txt"
 done

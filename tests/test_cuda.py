@@ -1,7 +1,8 @@
 """CUDA paths: attention backends, bf16 autocast training, generation on the GPU.
 
 These run where a CUDA device exists (the project's GPU machine) and skip on CPU-only machines
-such as CI; the flash-attn test additionally needs the ``flash-attn`` package.
+such as CI; the flash-attn test additionally needs the ``flash-attn`` package, the built-in flash test
+an sm80+ device.
 """
 
 import pytest
@@ -91,6 +92,41 @@ def test_flash_varlen_matches_sdpa_bf16():
         a = m(ids, cu_seqlens=cu, attn_backend="flash").float()
         b = m(ids, cu_seqlens=cu, attn_backend="sdpa").float()
     torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_builtin_flash_varlen_matches_sdpa(monkeypatch, autocast):
+    """The ``flash`` backend through PyTorch's built-in varlen FlashAttention-2 (no flash-attn
+    package; forced even where it is installed): a bf16 model, and an fp32 model under bf16 autocast
+    (the training setup), give the logits and loss gradients of sdpa within bf16 rounding, on
+    documents longer than the window. Written in session 4 without a GPU: first run pending."""
+    import gemmaforge.layers.attention as A
+
+    m = _model()
+    hd = m.config.head_dim
+    if not A.builtin_flash_available(hd, torch.device("cuda")):
+        pytest.skip("this CUDA build/device has no built-in flash attention (needs sm80+)")
+    monkeypatch.setattr(A, "flash_available", lambda head_dim, device: False)
+    m = m.cuda() if autocast else m.cuda().to(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    lengths = [40, 200, 7, 150, 115]
+    ids = torch.randint(0, m.config.vocab_size, (sum(lengths),), generator=g).cuda()
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32).cuda()
+    calls = []
+    real = A._ATEN_FLASH_FORWARD
+    monkeypatch.setattr(A, "_ATEN_FLASH_FORWARD", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tol = dict(atol=5e-2, rtol=5e-2)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            a = m(ids, cu_seqlens=cu, attn_backend="flash").float()
+            assert len(calls) == m.config.num_hidden_layers
+            b = m(ids, cu_seqlens=cu, attn_backend="sdpa").float()
+        torch.testing.assert_close(a, b, **tol)
+        la, ga = _loss_and_grads(m, ids, cu, "flash")
+        lb, gb = _loss_and_grads(m, ids, cu, "sdpa")
+    torch.testing.assert_close(la, lb, **tol)
+    for n in ga:
+        torch.testing.assert_close(ga[n].float(), gb[n].float(), **tol, msg=n)
 
 
 def test_bf16_autocast_close_to_fp32_and_finite():

@@ -151,3 +151,76 @@ def test_packed_row_longer_than_the_context_is_fine_when_documents_fit():
         torch.testing.assert_close(out[20:50], m(docs[1][None])[0], atol=1e-5, rtol=0)
         with pytest.raises(InputError, match="exceeds the model's context of 32"):
             m(torch.cat(docs)[None, :40])
+
+
+def _fa_reference(qt, kt, vt, cu_q, cu_k, max_q, max_k, dropout, causal, debug, *, scale, window_size_left,
+                  window_size_right):
+    """aten ``_flash_attention_forward`` (FlashAttention-2 varlen) semantics, written from its
+    documentation: per document of ``cu``, query i reads keys j with
+    i - window_size_left <= j <= i + window_size_right (None: unbounded), and j <= i when causal;
+    grouped-query heads shared; fp32 softmax. Returns (out, logsumexp, ...) like the op."""
+    assert cu_q is cu_k and cu_q.dtype == torch.int32 and causal and dropout == 0.0 and not debug
+    assert max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+    rep = qt.shape[1] // kt.shape[1]
+    out = torch.empty_like(qt)
+    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        q, k, v = (t[s:e].float().transpose(0, 1) for t in (qt, kt, vt))  # [H, L, D]
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        i = torch.arange(e - s)
+        d = i[:, None] - i[None, :]  # query - key
+        ok = d >= 0
+        if window_size_left is not None:
+            ok &= d <= window_size_left
+        if window_size_right is not None:
+            ok &= -d <= window_size_right
+        p = (q @ k.transpose(1, 2) * scale).masked_fill(~ok, float("-inf")).softmax(-1)
+        out[s:e] = (p @ v).transpose(0, 1).to(out.dtype)
+    return out, None, None, None, None
+
+
+@pytest.mark.parametrize("family", ["gemma-3-tiny", "mistral-tiny-sw"])
+def test_builtin_flash_backend_plumbing_against_flash_semantics(monkeypatch, family):
+    """The ``flash`` backend without the flash-attn package hands a packed row to PyTorch's built-in
+    varlen FlashAttention-2 (CUDA only; run for real in test_cuda.py). Here the aten op is replaced
+    by a CPU implementation of its documented semantics, so the layout ([1, H, T, D] -> [T, H, D]),
+    cu_seqlens/max_seqlen and the window mapping ((w - 1, 0), w keys including itself) are checked
+    against the eager reference on every layer type; windowed documents are longer than w = 8."""
+    import gemmaforge.layers.attention as A
+
+    calls = []
+
+    def fake(*args, **kw):
+        calls.append(kw["window_size_left"])
+        return _fa_reference(*args, **kw)
+
+    monkeypatch.setattr(A, "flash_available", lambda head_dim, device: False)
+    monkeypatch.setattr(A, "builtin_flash_available", lambda head_dim, device: True)
+    monkeypatch.setattr(A, "_ATEN_FLASH_FORWARD", fake)
+    m = _model("mistral-tiny", sliding_window=8) if family == "mistral-tiny-sw" else _model(family)
+    m = m.to(torch.bfloat16)  # flash kernels take 16-bit inputs
+    _, ids, cu = _packed(LENGTHS, m.config.vocab_size)
+    with torch.no_grad():
+        got = m(ids, cu_seqlens=cu, attn_backend="flash").float()
+        assert len(calls) == m.config.num_hidden_layers and 7 in calls  # w - 1 for sliding layers
+        want = m(ids, cu_seqlens=cu, attn_backend="eager").float()
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+    calls.clear()
+    with torch.no_grad():  # fp32 without autocast: not a flash input, sdpa serves it
+        m.float()(ids, cu_seqlens=cu, attn_backend="flash")
+    assert calls == []
+
+
+def test_builtin_flash_call_matches_the_aten_schema():
+    """``flash_varlen`` on meta tensors: aten's FlashAttention-2 op accepts the arguments (int32
+    cu_seqlens, window sizes, grouped-query k/v) and its backward gives k/v gradients per KV head."""
+    from gemmaforge.layers.attention import flash_varlen
+
+    T, H, Hkv, D = 50, 4, 1, 64
+    q = torch.empty(T, H, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.empty(T, Hkv, D, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+    cu = torch.tensor([0, 20, 50], dtype=torch.int32, device="meta")
+    for window in (None, 8):
+        out = flash_varlen(q, k, v, cu, 30, window, 0.125)
+        assert out.shape == (T, H, D) and out.dtype == torch.bfloat16
+        out.sum().backward()
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape

@@ -15,8 +15,10 @@ visible), as the reference composes it: ``AND(window, OR(causal, blockwise))``.
 
 Backends (``attn_backend=``): ``eager`` (explicit fp32 softmax, the reference and what hooks read),
 ``sdpa`` (torch SDPA; packed rows are attended per document so memory never grows with T^2),
-``flex`` (torch flex_attention with a block mask from document ids) and ``flash``
-(``flash_attn_varlen_func`` on CUDA). ``auto`` picks per device.
+``flex`` (torch flex_attention with a block mask from document ids) and ``flash`` (varlen
+FlashAttention-2 on CUDA: the ``flash-attn`` package's ``flash_attn_varlen_func`` when installed,
+else PyTorch's built-in kernel). ``auto`` picks ``flash`` where the flash-attn package is
+installed, else ``sdpa``.
 """
 
 from __future__ import annotations
@@ -421,6 +423,7 @@ def flex_attention_backend(q, k, v, call: AttnCall, return_probs: bool = False):
 
 
 def flash_available(head_dim: int, device: torch.device) -> bool:
+    """The ``flash-attn`` package can run here (what ``auto`` picks ``flash`` for)."""
     if device.type != "cuda" or head_dim > 256:
         return False
     try:
@@ -430,21 +433,63 @@ def flash_available(head_dim: int, device: torch.device) -> bool:
     return True
 
 
-def flash_attention_backend(q, k, v, call: AttnCall, return_probs: bool = False):
-    if not flash_available(q.shape[-1], q.device) or q.dtype not in (torch.float16, torch.bfloat16):
-        return sdpa_attention(q, k, v, call, return_probs)  # head_dim > 256 (Gemma 4 global) etc.
-    from flash_attn import flash_attn_varlen_func
+def builtin_flash_available(head_dim: int, device: torch.device) -> bool:
+    """PyTorch's own FlashAttention-2 kernel (``aten._flash_attention_forward``, varlen with windows)
+    can run here: a CUDA build with it, an sm80+ device, head_dim <= 256 and a multiple of 8."""
+    if device.type != "cuda" or head_dim > 256 or head_dim % 8:
+        return False
+    if not torch.backends.cuda.is_flash_attention_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
+
+def _half_dtype(q: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit dtype flash kernels take for this call: q's own, or CUDA autocast's (the projections'
+    outputs are then bf16 but RoPE/norms may have returned fp32); None when neither is 16-bit."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return q.dtype
+    if q.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+        if dt in (torch.float16, torch.bfloat16):
+            return dt
+    return None
+
+
+def flash_varlen(qt, kt, vt, cu_seqlens, max_seqlen: int, window: int | None, scale: float):
+    """Causal varlen attention of ``[T, H, D]`` / ``[T, Hkv, D]`` tokens split into documents by
+    ``cu_seqlens`` (int32), with PyTorch's built-in FlashAttention-2 kernel: one kernel for every
+    document of the stream, sliding window ``w`` as ``(w - 1, 0)``, grouped-query heads native;
+    differentiable (aten's ``_flash_attention_backward``). Returns ``[T, H, D]``."""
+    left, right = (None, None) if window is None else (window - 1, 0)
+    return _ATEN_FLASH_FORWARD(qt, kt, vt, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False,
+                               scale=scale, window_size_left=left, window_size_right=right)[0]
+
+
+_ATEN_FLASH_FORWARD = torch.ops.aten._flash_attention_forward
+
+
+def flash_attention_backend(q, k, v, call: AttnCall, return_probs: bool = False):
+    """Packed rows (``cu_seqlens``, keys = queries, no image groups): ``flash_attn_varlen_func`` when
+    the flash-attn package is installed, else PyTorch's built-in varlen FlashAttention-2
+    (``flash_varlen``; no softcap there). Anything else (head_dim > 256 as on Gemma 4's global layers,
+    fp32 without autocast, a KV cache, image groups) goes to sdpa."""
     info = call.info
-    B, H, S, D = q.shape
-    if info.cu_seqlens is None or not call.keys_are_queries or call.has_groups:  # flash has no group mask
+    dt = _half_dtype(q)
+    if dt is None or info.cu_seqlens is None or not call.keys_are_queries or call.has_groups:
         return sdpa_attention(q, k, v, call, return_probs)
-    qt, kt, vt = (t[0].transpose(0, 1) for t in (q, k, v))  # [T, H, D]
-    window = (-1, -1) if call.window is None else (call.window - 1, 0)
-    out = flash_attn_varlen_func(
-        qt, kt, vt, info.cu_seqlens, info.cu_seqlens, info.max_seqlen, info.max_seqlen,
-        softmax_scale=call.scale, causal=True, window_size=window, softcap=call.softcap or 0.0,
-    )
+    qt, kt, vt = (t[0].transpose(0, 1).to(dt) for t in (q, k, v))  # [T, H, D]
+    if flash_available(q.shape[-1], q.device):
+        from flash_attn import flash_attn_varlen_func
+
+        window = (-1, -1) if call.window is None else (call.window - 1, 0)
+        out = flash_attn_varlen_func(
+            qt, kt, vt, info.cu_seqlens, info.cu_seqlens, info.max_seqlen, info.max_seqlen,
+            softmax_scale=call.scale, causal=True, window_size=window, softcap=call.softcap or 0.0,
+        )
+    elif builtin_flash_available(q.shape[-1], q.device) and call.softcap is None:
+        out = flash_varlen(qt, kt, vt, info.cu_seqlens, info.max_seqlen, call.window, call.scale)
+    else:
+        return sdpa_attention(q, k, v, call, return_probs)
     return out.transpose(0, 1)[None], None
 
 
