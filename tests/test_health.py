@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from gemmaforge import from_config
 from gemmaforge.config import preset
-from gemmaforge.health import NonFiniteReport, grads_finite, locate_nonfinite
+from gemmaforge.health import NonFiniteReport, grads_finite, locate_nonfinite, total_norm_and_finite
 from gemmaforge.transforms.checkpointing import apply_activation_checkpointing
 
 
@@ -71,6 +71,28 @@ def test_grads_finite_detects_nan_and_inf_without_false_alarms():
     assert grads_finite(m)
     m.weight.grad[0, 0] = float("inf")
     assert not grads_finite(m) and not grads_finite(m.parameters())
+
+
+def test_total_norm_is_clip_grad_norms_and_overflow_is_not_a_nan():
+    """The Trainer's one pass: the total L2 norm equals what clip_grad_norm_ computes (bitwise), and a
+    norm that overflows on finite fp32 gradients (elements 1e20) still counts as finite, while a NaN
+    or Inf does not."""
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.zeros(s)) for s in ((7, 5), (300,), (2, 3, 4))]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g)
+    n, ok = total_norm_and_finite(ps)
+    assert ok and torch.equal(n, torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0))
+    assert torch.equal(n, torch.nn.utils.clip_grad_norm_(ps, 1e9))
+    assert total_norm_and_finite([torch.nn.Parameter(torch.zeros(2))]) == (None, True)
+    ps[1].grad[:] = 1e20  # finite, but the sum of squares overflows fp32
+    n, ok = total_norm_and_finite(ps)
+    assert not torch.isfinite(n) and ok and grads_finite(ps)
+    ps[1].grad[5] = float("nan")
+    assert total_norm_and_finite(ps)[1] is False and not grads_finite(ps)
+    ps[1].grad[5] = 1.0
+    ps[0].grad[1, 1] = float("inf")
+    assert total_norm_and_finite(ps)[1] is False
 
 
 # ----------------------------------------------------------------------------- locate_nonfinite

@@ -46,7 +46,7 @@ def tiny_model(seed=0):
 
 def make_trainer(tmp_path, name="run", model=None, **kw):
     docs = corpus()
-    base = dict(out=str(tmp_path / name), steps=12, lr=3e-3, warmup_steps=2, seq_len=64, batch_tokens=128,
+    base = dict(out=str(tmp_path / name), steps=12, lr=3e-3, warmup_steps=2, seq_len=64, batch_tokens=128, micro_batch_rows=1,
                 eval_every=4, save_every=4, keep_last=3, progress=False, eval_rows=2, seed=1)
     base.update(kw)
     return Trainer(TrainConfig(**base), model=model or tiny_model(), tokenizer=ByteTok(),
@@ -245,3 +245,16 @@ def test_return_freed_memory_trims_before_the_loss_and_when_backward_grows(tmp_p
     plain.trim = None
     without = [plain.train_step()["loss"] for _ in range(3)]
     assert losses == without
+
+
+def test_default_step_is_one_forward_and_micro_batches_never_exceed_the_step():
+    """The default step (batch_tokens 512 = 2 rows of 256) runs as one forward: a second micro-batch
+    would hold a second [V, H] gradient of the tied head. micro_batch_rows is a ceiling: a step never
+    takes more rows than batch_tokens // seq_len."""
+    c = TrainConfig()
+    assert (c.rows_per_micro_batch, c.accum) == (2, 1) and c.batch_tokens == 2 * c.seq_len
+    assert (TrainConfig(micro_batch_rows=1).rows_per_micro_batch, TrainConfig(micro_batch_rows=1).accum) == (1, 2)
+    small = TrainConfig(batch_tokens=64, seq_len=64)
+    assert (small.rows_per_micro_batch, small.accum) == (1, 1)
+    big = TrainConfig(batch_tokens=2048, seq_len=256, micro_batch_rows=4)
+    assert (big.rows_per_micro_batch, big.accum) == (4, 2)

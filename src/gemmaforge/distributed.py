@@ -257,7 +257,7 @@ def _trainer_class():
             from .transforms.parallel import LayoutError, pipeline_schedule_name
 
             d = self.dims_req.validate(get_world_size(), seq_len=cfg.seq_len)
-            rows = cfg.accum * cfg.micro_batch_rows
+            rows = cfg.accum * cfg.rows_per_micro_batch
             if rows % d.dp_shard:
                 raise LayoutError(f"parallel layout: {rows} rows per step (--batch-tokens {cfg.batch_tokens} / "
                                   f"--seq-len {cfg.seq_len}) is not divisible by dp_shard={d.dp_shard}")
@@ -306,7 +306,7 @@ def _trainer_class():
             full = {k: v.detach().cpu() for k, v in model.state_dict().items()} if is_rank0() else {}
             meta = build_meta_model(cfgs[0])
             if self.dims.pp > 1:  # cut the meta model down to this rank's stage first
-                n_mb = self.cfg.accum * self.cfg.micro_batch_rows // self.dims.dp_shard
+                n_mb = self.cfg.accum * self.cfg.rows_per_micro_batch // self.dims.dp_shard
                 self.pipe = Pipeline(meta, mesh, self.pcfg.pp_schedule, n_microbatches=n_mb,
                                      chunk_size=self.cfg.loss_chunk_size)
                 meta = self.pipe.module
@@ -331,9 +331,9 @@ def _trainer_class():
             from .data import collate_rows
 
             cfg = self.cfg
-            rows = [self.stream.next() for _ in range(cfg.accum * cfg.micro_batch_rows)]  # the global step
+            rows = [self.stream.next() for _ in range(cfg.accum * cfg.rows_per_micro_batch)]  # the global step
             mine = shard_items(rows, self.pstate.dp_rank, self.dims.dp_shard)
-            m = cfg.micro_batch_rows
+            m = cfg.rows_per_micro_batch
             return [collate_rows(mine[i:i + m]) for i in range(0, len(mine), m)]
 
         def _loss_sum(self, batch):
@@ -364,7 +364,7 @@ def _trainer_class():
             from .transforms.parallel import pipeline_batch
 
             cfg, st = self.cfg, self.pstate
-            rows = [self.stream.next() for _ in range(cfg.accum * cfg.micro_batch_rows)]  # the global step
+            rows = [self.stream.next() for _ in range(cfg.accum * cfg.rows_per_micro_batch)]  # the global step
             ids, doc, labels, mine_valid = pipeline_batch(shard_items(rows, st.dp_rank, self.dims.dp_shard))
             n_valid = all_reduce_sum(mine_valid, st.dp_group)
             n_tokens = all_reduce_sum(int(ids.numel()), st.dp_group)

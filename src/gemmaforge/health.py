@@ -4,9 +4,12 @@ Nothing here clamps, zeroes or substitutes a value: a step whose gradients are n
 the trainer to skip, and ``locate_nonfinite`` tells it (and the user) where the first NaN/Inf was
 born.
 
-``grads_finite(params)``: one fused max-abs reduction per device (``torch._foreach_norm`` with
-``ord=inf``, which propagates NaN and, unlike the L2 norm, cannot overflow on finite values) and
-one host sync.
+``grads_finite(params)``: one fused L2-norm reduction per device (``torch._foreach_norm``, which
+propagates NaN and Inf) and one host sync. An L2 norm can also overflow on finite values (elements
+near 1e19), so a non-finite norm is confirmed with the max-abs norm (``ord=inf``, which cannot
+overflow); on CPU that one is ~4x slower (0.45 s vs 0.11 s over the 270M model's gradients).
+``total_norm_and_finite(params)``: the gradients' total L2 norm and whether they are all finite,
+from the same single pass (the Trainer clips with that norm).
 
 ``locate_nonfinite(model, run_micro_batch)`` re-runs one micro-batch with hooks on every named
 submodule and returns the FIRST place, in execution order, where a non-finite value appears:
@@ -45,8 +48,7 @@ PHASES = ("parameter", "input", "forward", "loss", "backward", "parameter-grad")
 
 # ----------------------------------------------------------------------------- cheap check
 
-def grads_finite(params: Iterable[torch.Tensor] | nn.Module) -> bool:
-    """True iff every existing ``.grad`` of ``params`` is finite (parameters without one are skipped)."""
+def _grads_by_device(params) -> dict:
     if isinstance(params, nn.Module):
         params = params.parameters()
     by_device: dict[torch.device, list[torch.Tensor]] = {}
@@ -57,15 +59,36 @@ def grads_finite(params: Iterable[torch.Tensor] | nn.Module) -> bool:
         if g.is_sparse:
             g = g.coalesce().values()
         by_device.setdefault(g.device, []).append(g)
-    flags = []
-    for grads in by_device.values():
-        norms = torch._foreach_norm(grads, math.inf, dtype=torch.float32)  # max |g|: NaN and Inf survive
-        flags.append(torch.stack(norms).isfinite().all())
-    if not flags:
-        return True
-    if len(flags) == 1:
-        return bool(flags[0])
+    return by_device
+
+
+def _max_abs_finite(by_device: dict) -> bool:
+    """Every gradient finite, by the max-abs norm (exact: it cannot overflow on finite values)."""
+    flags = [torch.stack(torch._foreach_norm(grads, math.inf, dtype=torch.float32)).isfinite().all()
+             for grads in by_device.values()]
     return all(bool(f) for f in flags)
+
+
+def total_norm_and_finite(params: Iterable[torch.Tensor] | nn.Module) -> tuple[torch.Tensor | None, bool]:
+    """``(total L2 norm of the existing gradients, all finite)``; ``(None, True)`` without gradients.
+
+    The norm is what ``torch.nn.utils.clip_grad_norm_`` computes. A non-finite norm means a NaN/Inf
+    gradient, or an L2 overflow of finite ones; the max-abs norm tells the two apart."""
+    by_device = _grads_by_device(params)
+    if not by_device:
+        return None, True
+    per_device = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g, 2.0, dtype=torch.float32)))
+                  for g in by_device.values()]
+    total = per_device[0] if len(per_device) == 1 else torch.linalg.vector_norm(
+        torch.stack([n.cpu() for n in per_device]))
+    if bool(total.isfinite()):
+        return total, True
+    return total, _max_abs_finite(by_device)
+
+
+def grads_finite(params: Iterable[torch.Tensor] | nn.Module) -> bool:
+    """True iff every existing ``.grad`` of ``params`` is finite (parameters without one are skipped)."""
+    return total_norm_and_finite(params)[1]
 
 
 # ----------------------------------------------------------------------------- report
