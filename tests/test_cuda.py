@@ -44,6 +44,23 @@ def _loss_and_grads(m, ids, cu, backend):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in m.named_parameters()}
 
 
+def _long_docs(vocab, seed):
+    """A packed row of documents of >= 128 tokens (and one short one) on the GPU, longer than the window."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [40, 200, 7, 150, 115]
+    ids = torch.randint(0, vocab, (sum(lengths),), generator=g).cuda()
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32).cuda()
+    return ids, cu
+
+
+def _assert_loss_and_grads_agree(m, ids, cu, backend, ref_backend, tol):
+    la, ga = _loss_and_grads(m, ids, cu, backend)
+    lb, gb = _loss_and_grads(m, ids, cu, ref_backend)
+    torch.testing.assert_close(la, lb, **tol)
+    for n in ga:
+        torch.testing.assert_close(ga[n].float(), gb[n].float(), **tol, msg=n)
+
+
 def test_cuda_sdpa_matches_cpu_eager_fp32():
     """Packed row on the GPU, fp32: logits, loss and every gradient equal the CPU eager reference."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -68,20 +85,13 @@ def test_cuda_flex_matches_sdpa(dtype, head_dim):
     2026-11-26, where 72-token rows failed to compile (flex decoding template); not yet re-run."""
     torch.backends.cuda.matmul.allow_tf32 = False
     m = _model(head_dim=head_dim).cuda().to(dtype)
-    g = torch.Generator().manual_seed(1)
-    lengths = [40, 200, 7, 150, 115]  # >= 128 queries: flex proper (shorter rows fall back to sdpa)
-    ids = torch.randint(0, m.config.vocab_size, (sum(lengths),), generator=g).cuda()
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32).cuda()
+    ids, cu = _long_docs(m.config.vocab_size, 1)  # >= 128 queries: flex proper (shorter rows fall back to sdpa)
     with torch.no_grad():
         a = m(ids, cu_seqlens=cu, attn_backend="flex").float()
         b = m(ids, cu_seqlens=cu, attn_backend="sdpa").float()
     tol = dict(atol=5e-2, rtol=5e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(a, b, **tol)
-    la, ga = _loss_and_grads(m, ids, cu, "flex")
-    lb, gb = _loss_and_grads(m, ids, cu, "sdpa")
-    torch.testing.assert_close(la, lb, **tol)
-    for n in ga:
-        torch.testing.assert_close(ga[n].float(), gb[n].float(), **tol, msg=n)
+    _assert_loss_and_grads_agree(m, ids, cu, "flex", "sdpa", tol)
 
 
 def test_flash_varlen_matches_sdpa_bf16():
@@ -108,10 +118,7 @@ def test_builtin_flash_varlen_matches_sdpa(monkeypatch, autocast):
         pytest.skip("this CUDA build/device has no built-in flash attention (needs sm80+)")
     monkeypatch.setattr(A, "flash_available", lambda head_dim, device: False)
     m = m.cuda() if autocast else m.cuda().to(torch.bfloat16)
-    g = torch.Generator().manual_seed(2)
-    lengths = [40, 200, 7, 150, 115]
-    ids = torch.randint(0, m.config.vocab_size, (sum(lengths),), generator=g).cuda()
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32).cuda()
+    ids, cu = _long_docs(m.config.vocab_size, 2)
     calls = []
     real = A._ATEN_FLASH_FORWARD
     monkeypatch.setattr(A, "_ATEN_FLASH_FORWARD", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -122,11 +129,7 @@ def test_builtin_flash_varlen_matches_sdpa(monkeypatch, autocast):
             assert len(calls) == m.config.num_hidden_layers
             b = m(ids, cu_seqlens=cu, attn_backend="sdpa").float()
         torch.testing.assert_close(a, b, **tol)
-        la, ga = _loss_and_grads(m, ids, cu, "flash")
-        lb, gb = _loss_and_grads(m, ids, cu, "sdpa")
-    torch.testing.assert_close(la, lb, **tol)
-    for n in ga:
-        torch.testing.assert_close(ga[n].float(), gb[n].float(), **tol, msg=n)
+        _assert_loss_and_grads_agree(m, ids, cu, "flash", "sdpa", tol)
 
 
 def test_bf16_autocast_close_to_fp32_and_finite():
