@@ -73,3 +73,50 @@ def test_kv_cache_decode_equals_full_forward():
             assert cache.stored_tokens(i) == model.config.sliding_window - 1
         else:
             assert cache.stored_tokens(i) == 30
+
+
+def test_cpu_inference_head_in_vocabulary_blocks_equals_one_product(monkeypatch):
+    """On CPU, 2..512 tokens' logits are formed in vocabulary blocks (faster than MKL's one
+    ``h @ W.T`` over a 262k table there); logits and gradients equal ``F.linear``'s. One token or
+    more tokens than the range take ``F.linear``; the model's forward uses the head."""
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import gemmaforge.models.base as B
+
+    class CountMM(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket == torch.ops.aten.mm:
+                CountMM.n += 1
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(B, "HEAD_VOCAB_BLOCK", 7)
+    monkeypatch.setattr(B, "HEAD_BLOCKED_ROWS", (2, 40))
+    torch.manual_seed(0)
+    m = from_config(preset("gemma-3-tiny"))
+    w = m.head_weight()
+    V, H = w.shape
+    blocks = -(-V // 7)
+    assert V % 7  # the last block is partial
+    for rows, calls in ((1, 1), (2, blocks), (13, blocks), (40, blocks), (41, 1)):
+        h = torch.randn(1, rows, H)
+        CountMM.n = 0
+        with torch.no_grad(), CountMM():
+            got = B.head_product(h, w)
+        assert CountMM.n == calls, (rows, CountMM.n)
+        torch.testing.assert_close(got, F.linear(h, w), rtol=1e-6, atol=1e-6)
+    h = torch.randn(1, 13, H, requires_grad=True)
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    g = torch.randn(1, 13, V)
+    B.head_product(h, w).backward(g)
+    F.linear(h2, w2).backward(g)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-6, atol=1e-6)
+    ids = torch.randint(0, V, (1, 13))
+    with torch.no_grad():
+        blocked = m(ids)
+        monkeypatch.setattr(B, "HEAD_BLOCKED_ROWS", (2, 1))  # an empty range: F.linear always
+        plain = m(ids)
+    torch.testing.assert_close(blocked, plain, rtol=1e-6, atol=1e-6)

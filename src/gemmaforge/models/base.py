@@ -108,6 +108,47 @@ def sandwich_mlp_out(layer: nn.Module, m: torch.Tensor, ctx: ForwardContext) -> 
     return hk(i, "hook_mlp_out", hk(i, "ln2_post.hook_normalized", layer.post_feedforward_layernorm(m)))
 
 
+HEAD_VOCAB_BLOCK = 1024  # CPU inference: the LM head's product in blocks of this many vocabulary rows
+HEAD_BLOCKED_ROWS = (2, 512)  # ... for this many tokens (a single token's product is a GEMV: MKL's is faster)
+
+
+def head_product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``hidden @ weight.T`` for the LM head (``weight [V, H]``).
+
+    On CPU in fp32, for 2..512 tokens, the product runs in blocks of ``HEAD_VOCAB_BLOCK``
+    vocabulary rows written into one output: MKL's ``h @ W.T`` over the whole 262k-row table was
+    1.2-1.9x slower for those shapes on a 2-core AVX2 machine (13 tokens: 214 -> 133 ms at 2
+    threads), with identical results there (bench/RESULTS.md, issue 7). Its backward is
+    ``F.linear``'s. Elsewhere (one token: a GEMV, MKL's is faster; GPUs; under compile) it is
+    ``F.linear``."""
+    rows = hidden.numel() // max(hidden.shape[-1], 1)
+    lo, hi = HEAD_BLOCKED_ROWS
+    if not (hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32 and lo <= rows <= hi
+            and not torch.compiler.is_compiling()):
+        return F.linear(hidden, weight)
+    z = _BlockedHead.apply(hidden.reshape(rows, hidden.shape[-1]), weight)
+    return z.view(*hidden.shape[:-1], weight.shape[0])
+
+
+class _BlockedHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight):
+        ctx.save_for_backward(h, weight)
+        v = weight.shape[0]
+        out = h.new_empty(h.shape[0], v)
+        for s in range(0, v, HEAD_VOCAB_BLOCK):
+            e = min(s + HEAD_VOCAB_BLOCK, v)
+            torch.mm(h, weight[s:e].t(), out=out[:, s:e])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        gh = grad @ weight if ctx.needs_input_grad[0] else None
+        gw = grad.t() @ h if ctx.needs_input_grad[1] else None
+        return gh, gw
+
+
 def splice_embeds(h: torch.Tensor, extra: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
     """Put ``extra`` [B, N, H] at ``positions`` [B, N] of ``h`` [B, S, H] (out of place, differentiable)."""
     if positions is None:
@@ -143,7 +184,7 @@ class CausalLM(nn.Module):
         return self.lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        z = F.linear(hidden, self.head_weight())
+        z = head_product(hidden, self.head_weight())
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap is not None:
             z = torch.tanh(z / cap) * cap
