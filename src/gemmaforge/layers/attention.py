@@ -23,6 +23,7 @@ installed, else ``sdpa``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -424,8 +425,12 @@ def flex_attention_backend(q, k, v, call: AttnCall, return_probs: bool = False):
 
 def flash_available(head_dim: int, device: torch.device) -> bool:
     """The ``flash-attn`` package can run here (what ``auto`` picks ``flash`` for)."""
-    if device.type != "cuda" or head_dim > 256:
-        return False
+    return device.type == "cuda" and head_dim <= 256 and _flash_attn_installed()
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_installed() -> bool:
+    """Tried once: a failed import is not cached by Python and would search sys.path on every call."""
     try:
         import flash_attn  # noqa: F401
     except ImportError:
@@ -438,9 +443,13 @@ def builtin_flash_available(head_dim: int, device: torch.device) -> bool:
     can run here: a CUDA build with it, an sm80+ device, head_dim <= 256 and a multiple of 8."""
     if device.type != "cuda" or head_dim > 256 or head_dim % 8:
         return False
-    if not torch.backends.cuda.is_flash_attention_available():
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    return _builtin_flash_device(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin_flash_device(index: int) -> bool:
+    """Asked once per device (every attention call of every layer goes through this)."""
+    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def _half_dtype(q: torch.Tensor) -> torch.dtype | None:
@@ -477,8 +486,11 @@ def flash_attention_backend(q, k, v, call: AttnCall, return_probs: bool = False)
     dt = _half_dtype(q)
     if dt is None or info.cu_seqlens is None or not call.keys_are_queries or call.has_groups:
         return sdpa_attention(q, k, v, call, return_probs)
+    package = flash_available(q.shape[-1], q.device)
+    if not package and not (builtin_flash_available(q.shape[-1], q.device) and call.softcap is None):
+        return sdpa_attention(q, k, v, call, return_probs)
     qt, kt, vt = (t[0].transpose(0, 1).to(dt) for t in (q, k, v))  # [T, H, D]
-    if flash_available(q.shape[-1], q.device):
+    if package:
         from flash_attn import flash_attn_varlen_func
 
         window = (-1, -1) if call.window is None else (call.window - 1, 0)
@@ -486,10 +498,8 @@ def flash_attention_backend(q, k, v, call: AttnCall, return_probs: bool = False)
             qt, kt, vt, info.cu_seqlens, info.cu_seqlens, info.max_seqlen, info.max_seqlen,
             softmax_scale=call.scale, causal=True, window_size=window, softcap=call.softcap or 0.0,
         )
-    elif builtin_flash_available(q.shape[-1], q.device) and call.softcap is None:
-        out = flash_varlen(qt, kt, vt, info.cu_seqlens, info.max_seqlen, call.window, call.scale)
     else:
-        return sdpa_attention(q, k, v, call, return_probs)
+        out = flash_varlen(qt, kt, vt, info.cu_seqlens, info.max_seqlen, call.window, call.scale)
     return out.transpose(0, 1)[None], None
 
 
