@@ -108,7 +108,7 @@ def sandwich_mlp_out(layer: nn.Module, m: torch.Tensor, ctx: ForwardContext) -> 
     return hk(i, "hook_mlp_out", hk(i, "ln2_post.hook_normalized", layer.post_feedforward_layernorm(m)))
 
 
-HEAD_VOCAB_BLOCK = 1024  # CPU inference: the LM head's product in blocks of this many vocabulary rows
+HEAD_VOCAB_BLOCK = 1024  # CPU, fp32: the LM head's product in blocks of this many vocabulary rows
 HEAD_BLOCKED_ROWS = (2, 512)  # ... for this many tokens (a single token's product is a GEMV: MKL's is faster)
 
 
