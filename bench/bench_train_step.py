@@ -7,8 +7,8 @@ parent alternates them step by step (one steps while the other waits idle), so a
 shared machine hits both sides alike: two warm-up steps each, then the median of ``--steps`` timed
 steps per side and the median ratio of back-to-back pairs. transformers: forward with labels and use_cache=False,
 backward, AdamW step. gemmaforge: packed forward to hidden states, chunked linear+cross-entropy
-(never the [T, vocab] logits), backward, fused AdamW step, the same as its Trainer does (including ``TiedEmbeddingGrad`` and
-``ReturnFreedMemory``).
+(never the [T, vocab] logits), backward, fused AdamW step, the same as its Trainer does (including ``TiedEmbeddingGrad``,
+``HeadGradBuffer`` and ``ReturnFreedMemory``).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def build_step(which: str, seq: int, threads: int):
     else:
         import gemmaforge
         from gemmaforge.loss import chunked_cross_entropy
-        from gemmaforge.train import ReturnFreedMemory, TiedEmbeddingGrad, TrainConfig, param_groups
+        from gemmaforge.train import HeadGradBuffer, ReturnFreedMemory, TiedEmbeddingGrad, TrainConfig, param_groups
 
         model = gemmaforge.from_pretrained("gemma-3-270m").train()
         if which == "gemmaforge-lora":
@@ -73,6 +73,7 @@ def build_step(which: str, seq: int, threads: int):
         if trim is not None:
             trim.attach(model)
         chunk = TrainConfig().loss_chunk_size  # the Trainer's default
+        head_grad = HeadGradBuffer()  # the head's [V, H] gradient memory, kept from step to step
 
         def step():
             if tied is not None:
@@ -82,7 +83,9 @@ def build_step(which: str, seq: int, threads: int):
                 h = model(ids, cu_seqlens=cu, return_hidden=True)[0]
             if trim is not None:
                 trim()
-            loss = chunked_cross_entropy(h, model.head_weight(), labels, reduction="mean", chunk_size=chunk)
+            w = model.head_weight()
+            loss = chunked_cross_entropy(h, w, labels, reduction="mean", chunk_size=chunk,
+                                         weight_grad_buffer=head_grad.get(w))
             loss.backward()
             if tied is not None:
                 tied.accumulate(ids, leaf)

@@ -130,6 +130,39 @@ def test_ce_pads_token_rows_to_aligned_gemms(n):
     assert h1.grad.shape == hidden.shape and torch.all(h1.grad[labels == -100] == 0)
 
 
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_ce_weight_grad_buffer_is_reused_and_exact(softcap):
+    """``weight_grad_buffer``: the fused loss forms its logits and the weight gradient in the given
+    [V, H] buffer; ``weight.grad`` shares its memory (autograd adopts it, no copy); reused over steps
+    (grad set to None in between) every loss and gradient equals a fresh-buffer run's bitwise, and
+    equals the naive loss within tolerance. A buffer still holding the gradient, or of the wrong
+    shape or dtype, is refused with a clear error."""
+    hidden, weight, labels = make_inputs(scale=2.5 if softcap else 1.0)
+    buf = torch.full((V, H), float("nan"))  # stale contents must never leak into a result
+    w_buf, w_new, w_ref = leaf(weight), leaf(weight), leaf(weight)
+    for step in range(3):
+        hs = [leaf(hidden * (1 + step)) for _ in range(3)]
+        out = chunked_cross_entropy(hs[0], w_buf, labels, softcap=softcap, chunk_size=8, reduction="mean",
+                                    weight_grad_buffer=buf)
+        new = chunked_cross_entropy(hs[1], w_new, labels, softcap=softcap, chunk_size=8, reduction="mean")
+        ref = naive_cross_entropy(hs[2], w_ref, labels, softcap=softcap, reduction="mean")
+        for t in (out, new, ref):
+            t.backward()
+        assert w_buf.grad.data_ptr() == buf.data_ptr() and w_buf.grad.shape == buf.shape
+        assert torch.equal(out, new) and torch.equal(w_buf.grad, w_new.grad) and torch.equal(hs[0].grad, hs[1].grad)
+        torch.testing.assert_close(out, ref, **TOL)
+        torch.testing.assert_close(w_buf.grad, w_ref.grad, **TOL)
+        if step == 0:
+            with pytest.raises(ValueError, match="holds weight.grad"):
+                chunked_cross_entropy(leaf(hidden), w_buf, labels, weight_grad_buffer=buf)
+        for w in (w_buf, w_new, w_ref):
+            w.grad = None
+    with pytest.raises(ValueError, match=r"weight_grad_buffer must be a contiguous fp32 \[%d, %d\]" % (V, H)):
+        chunked_cross_entropy(leaf(hidden), w_buf, labels, weight_grad_buffer=torch.empty(V, H + 1))
+    with pytest.raises(ValueError, match="float64"):
+        chunked_cross_entropy(leaf(hidden), w_buf, labels, weight_grad_buffer=buf.double())
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_ce_weight_without_grad(reduction, softcap):

@@ -202,8 +202,8 @@ def test_tied_embedding_gradient_accumulated_in_place_equals_autograd(tmp_path):
 def test_return_freed_memory_trims_before_the_loss_and_when_backward_grows(tmp_path):
     """On Linux CPU the Trainer hands freed heap memory back (malloc_trim) once after the forward;
     as the backward reaches each decoder block it reads the resident size, the first block sets the
-    mark and a later block trims only when the size exceeds mark + slack. Losses equal a run
-    without any of it."""
+    mark and a later block trims only when the size exceeds mark + slack; a later forward trims
+    after a block whose size exceeds that mark. Losses equal a run without any of it."""
     import sys
 
     from gemmaforge.train import ReturnFreedMemory
@@ -226,17 +226,22 @@ def test_return_freed_memory_trims_before_the_loss_and_when_backward_grows(tmp_p
 
     tr.trim._rss = growing
     losses = [tr.train_step()["loss"]]
-    per_step = tr.cfg.accum * (1 + n_layers - 1)  # before the loss; every block after the first
-    assert len(calls) == per_step and len(sizes) == tr.cfg.accum * n_layers
+    a = tr.cfg.accum
+    assert a == 2
+    # backward: before each loss, then every block after the first; forward: no mark before the
+    # first backward, then every block of the later micro-batches (each reading is above the mark)
+    assert len(calls) == a * (1 + n_layers - 1) + (a - 1) * n_layers
+    assert len(sizes) == a * n_layers + (a - 1) * n_layers
     calls.clear()
-    tr.trim._rss = lambda: 10_000  # flat: the backward never trims
+    tr.trim._rss = lambda: 10_000  # flat, below the mark: neither pass trims
     losses.append(tr.train_step()["loss"])
     assert len(calls) == tr.cfg.accum  # only before each loss
     calls.clear()
     tr.trim._rss = ReturnFreedMemory(None)._rss  # the real /proc reading
     assert tr.trim._rss() > 0
     losses.append(tr.train_step()["loss"])
-    assert tr.cfg.accum <= len(calls) <= tr.cfg.accum * n_layers
+    # the real size is far above the flat step's mark: the first forward may trim at every block
+    assert tr.cfg.accum <= len(calls) <= tr.cfg.accum * 2 * n_layers
     calls.clear()
     with torch.no_grad():  # no gradient: no hooks, no trims
         tr.model(torch.tensor([[3, 4, 5]]))
@@ -245,6 +250,72 @@ def test_return_freed_memory_trims_before_the_loss_and_when_backward_grows(tmp_p
     plain.trim = None
     without = [plain.train_step()["loss"] for _ in range(3)]
     assert losses == without
+
+
+def test_return_freed_memory_keeps_the_forward_below_the_backward_mark():
+    """The forward trims only where the resident size passes the last backward's mark (the size
+    just after the loss, reached anyway): never before the first backward, never below the mark."""
+    from gemmaforge.train import ReturnFreedMemory
+
+    calls, size = [], [0]
+    r = ReturnFreedMemory(calls.append, slack=50, rss=lambda: size[0])
+    size[0] = 10**6
+    r.during_forward()
+    assert calls == []  # no backward yet: no mark
+    size[0] = 1000
+    r.during_backward()  # first block of a backward: the mark
+    size[0] = 1040
+    r.during_backward()
+    size[0] = 1051
+    r.during_backward()
+    assert calls == [0]  # above mark + slack
+    r._mark = None  # a new forward (the first block's hook resets the backward's mark)
+    size[0] = 999
+    r.during_forward()
+    size[0] = 1000
+    r.during_forward()
+    assert calls == [0]
+    size[0] = 1001
+    r.during_forward()
+    assert calls == [0, 0]
+
+
+def test_head_grad_buffer_is_reused_across_steps_and_changes_nothing(tmp_path):
+    """On CPU the Trainer gives the LM-head loss one [V, H] buffer for the tied head's gradient,
+    every step (no fresh 671 MB gradient to page-fault in on the 270M): the weight's gradient lives
+    in it after the backward, second micro-batches accumulate as usual, and losses and final
+    weights equal a run that allocates a fresh gradient each step, bitwise."""
+    from gemmaforge.train import HeadGradBuffer
+
+    tr = make_trainer(tmp_path, name="buf", steps=3)
+    assert isinstance(tr.head_grad, HeadGradBuffer) and tr.cfg.accum == 2
+    w = tr.model.head_weight()
+    seen = []
+    orig_step = tr.optimizer.step
+
+    def step_and_look(*a, **k):
+        seen.append(w.grad.data_ptr())
+        return orig_step(*a, **k)
+
+    tr.optimizer.step = step_and_look
+    losses = [tr.train_step()["loss"] for _ in range(3)]
+    assert tr.head_grad.buf is not None and seen == [tr.head_grad.buf.data_ptr()] * 3
+    plain = make_trainer(tmp_path, name="nobuf", steps=3)
+    plain.head_grad = None
+    assert [plain.train_step()["loss"] for _ in range(3)] == losses
+    for (n, p), q in zip(tr.model.named_parameters(), plain.model.parameters()):
+        assert torch.equal(p, q), n
+    # only while the weight's gradient is unset, trainable fp32, with gradients on
+    hb = HeadGradBuffer()
+    w2 = torch.nn.Parameter(torch.zeros(4, 3))
+    assert hb.get(w2).shape == (4, 3)
+    w2.grad = torch.zeros(4, 3)
+    assert hb.get(w2) is None
+    w2.grad = None
+    with torch.no_grad():
+        assert hb.get(w2) is None
+    assert hb.get(torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))) is None
+    assert hb.get(torch.zeros(4, 3)) is None  # frozen
 
 
 def test_default_step_is_one_forward_and_micro_batches_never_exceed_the_step():

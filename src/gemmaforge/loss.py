@@ -148,6 +148,19 @@ def _check_softcap(softcap: Optional[float]) -> Optional[float]:
     return softcap
 
 
+def _check_grad_buffer(buf: torch.Tensor, weight: torch.Tensor, lowp: Optional[torch.dtype]) -> None:
+    want = (tuple(weight.shape), torch.float32, weight.device)
+    got = (tuple(buf.shape), buf.dtype, buf.device)
+    if got != want or not buf.is_contiguous() or weight.dtype != torch.float32 or lowp is not None:
+        raise ValueError(f"weight_grad_buffer must be a contiguous fp32 {list(weight.shape)} tensor on "
+                         f"{weight.device} for an fp32 weight outside autocast; got {buf.dtype} "
+                         f"{list(buf.shape)} on {buf.device} for a {weight.dtype} weight")
+    g = weight.grad
+    if g is not None and g.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():
+        raise ValueError("weight_grad_buffer holds weight.grad, which is still in use (a gradient "
+                         "accumulates into it); set weight.grad to None first or pass no buffer")
+
+
 def _check_range(y: torch.Tensor, vocab: int, name: str) -> None:
     if y.numel() and bool(((y < 0) | (y >= vocab)).any()):
         bad = y[(y < 0) | (y >= vocab)][:5].tolist()
@@ -329,7 +342,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @_fp32_region
-    def forward(ctx, h, weight, y, softcap, chunk_size, need_gh, need_gw, lowp=None):
+    def forward(ctx, h, weight, y, softcap, chunk_size, need_gh, need_gw, lowp=None, gw_buffer=None):
         n_in, hdim = h.shape
         v = weight.shape[0]
         dev = h.device
@@ -345,7 +358,12 @@ class _FusedCrossEntropy(torch.autograd.Function):
             y = torch.cat([y, y.new_zeros(n - n_in)])
         losses = torch.empty(n, dtype=torch.float32, device=dev)
         gh = torch.empty((n, hdim), dtype=torch.float32, device=dev) if need_gh else None
-        gw = torch.empty((v, hdim), dtype=torch.float32, device=dev) if need_gw else None
+        if not need_gw:
+            gw = None
+        elif gw_buffer is not None:
+            gw = gw_buffer.detach()  # its own tensor over the buffer's memory: autograd adopts it, no copy
+        else:
+            gw = torch.empty((v, hdim), dtype=torch.float32, device=dev)
         first = min(n, hdim) if need_gw else 0
         tile = torch.empty(min(_block_rows(dev), v) * max(min(n, max(first, chunk_size)), 1),
                            dtype=torch.float32, device=dev)  # flat: viewed [block, C] per chunk
@@ -391,7 +409,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 gh.mul_(grad_out.to(gh.dtype))
             if gw is not None:
                 gw.mul_(grad_out.to(gw.dtype))
-        return gh, gw, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- #
@@ -524,6 +542,7 @@ def chunked_cross_entropy(
     chunk_size: int = 1024,
     reduction: str = "sum",
     ignore_index: int = -100,
+    weight_grad_buffer: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``softcap(hidden @ weight.T)`` against ``labels`` without
     materialising the ``[N, V]`` logits.
@@ -540,6 +559,12 @@ def chunked_cross_entropy(
         reduction: ``"sum"`` (fp32 sum over valid tokens), ``"mean"`` (divided
             by the number of valid tokens here) or ``"none"`` (fp32 per-token).
         ignore_index: label value to ignore.
+        weight_grad_buffer: optional fp32 ``[V, H]`` tensor on ``weight``'s device (fp32 ``weight``)
+            that the fused loss (``"sum"``/``"mean"``) forms its logits and ``weight``'s gradient
+            in, instead of a fresh ``[V, H]`` allocation; ``weight.grad`` then shares its memory.
+            A training loop passes the same buffer every step (``weight.grad`` set to None in
+            between), so the 671 MB gradient of Gemma 3 270M is not re-allocated, and on CPU not
+            page-faulted in, each step. It must not hold a gradient still in use.
 
     Returns:
         fp32 scalar (``"sum"``/``"mean"``) or fp32 tensor shaped like ``labels``.
@@ -571,8 +596,11 @@ def chunked_cross_entropy(
     grad_on = torch.is_grad_enabled()
     need_gh = grad_on and hidden.requires_grad
     need_gw = grad_on and weight.requires_grad
-    total = _FusedCrossEntropy.apply(h_v, weight, y_v, softcap, chunk_size, need_gh, need_gw,
-                                     _lowp_gemm_dtype(h_v))
+    lowp = _lowp_gemm_dtype(h_v)
+    if weight_grad_buffer is not None:
+        _check_grad_buffer(weight_grad_buffer, weight, lowp)
+    total = _FusedCrossEntropy.apply(h_v, weight, y_v, softcap, chunk_size, need_gh, need_gw, lowp,
+                                     weight_grad_buffer if need_gw else None)
     if reduction == "mean":
         # nan when nothing is valid, like F.cross_entropy (whose gradients are then 0)
         total = total / n_valid if n_valid > 0 else total * 0.0 + float("nan")

@@ -210,6 +210,7 @@ class ReturnFreedMemory:
         self.slack = int(slack)
         self._rss = rss if rss is not None else _resident_bytes
         self._mark: Optional[int] = None
+        self._ceiling: Optional[int] = None
 
     @classmethod
     def create(cls, slack: Optional[int] = None) -> "ReturnFreedMemory | None":
@@ -231,8 +232,15 @@ class ReturnFreedMemory:
         """At a block's backward: the first sets the mark, later ones trim above mark + slack."""
         rss = self._rss()
         if self._mark is None:
-            self._mark = rss
+            self._mark = self._ceiling = rss
         elif rss > self._mark + self.slack:
+            self._trim(0)
+
+    def during_forward(self) -> None:
+        """After a block's forward: trim when the size is above the last backward's mark (the size
+        just after the loss, which the step reaches anyway), so the forward's freed temporaries
+        never set the peak."""
+        if self._ceiling is not None and self._rss() > self._ceiling:
             self._trim(0)
 
     def attach(self, model) -> int:
@@ -257,6 +265,7 @@ class ReturnFreedMemory:
                 if first:
                     self._mark = None
                 t.register_hook(on_grad)
+                self.during_forward()
 
         for i, (_, layer) in enumerate(layers):
             layer.register_forward_hook(functools.partial(after_forward, i == 0))
@@ -322,6 +331,34 @@ class TiedEmbeddingGrad:
         leaf.grad = None
 
 
+class HeadGradBuffer:
+    """One ``[V, H]`` buffer that the LM-head loss writes its logits and weight gradient into, step
+    after step (CPU).
+
+    A fresh 671 MB gradient for Gemma 3 270M's head each step costs ~164 k first-touch page faults
+    (the allocator maps it anew and unmaps it at ``zero_grad``). With this buffer the head's
+    gradient (``weight.grad``) is a tensor over the same memory; ``zero_grad(set_to_none=True)``
+    drops that tensor, the memory stays for the next step. ``get`` hands the buffer out only while
+    ``weight.grad`` is None (the first micro-batch of a step; later ones accumulate into it), for an
+    fp32, trainable, non-distributed weight; else None (a fresh gradient, as without it). It adds
+    nothing to the step's peak: the gradient exists from the loss to the optimizer step anyway, and
+    ``ReturnFreedMemory`` keeps the forward below the loss's size.
+    """
+
+    def __init__(self):
+        self.buf: Optional[torch.Tensor] = None
+
+    def get(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        from torch.distributed.tensor import DTensor
+
+        if (weight.grad is not None or not weight.requires_grad or weight.dtype != torch.float32
+                or isinstance(weight, DTensor) or not torch.is_grad_enabled()):
+            return None
+        if self.buf is None or self.buf.shape != weight.shape or self.buf.device != weight.device:
+            self.buf = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        return self.buf
+
+
 # ----------------------------------------------------------------------------------- trainer
 
 class Trainer:
@@ -346,6 +383,7 @@ class Trainer:
         self._apply_transforms()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.tied_grad = TiedEmbeddingGrad(self.model) if TiedEmbeddingGrad.applies(self.model) else None
+        self.head_grad = HeadGradBuffer() if self.device.type == "cpu" and not self.autocast else None
         self.trim = ReturnFreedMemory.create() if self.device.type == "cpu" else None
         if self.trim is not None:
             self.trim.attach(self.model)
@@ -458,9 +496,11 @@ class Trainer:
         labels = batch["labels"].to(self.device).reshape(-1)
         if self.trim is not None and torch.is_grad_enabled():
             self.trim()  # the forward's temporaries go back before the loss's [V, H] gradient arrives
-        return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.model.head_weight(), labels,
+        weight = self.model.head_weight()
+        return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels,
                                      softcap=getattr(self.model.config, "final_logit_softcapping", None),
-                                     chunk_size=self.cfg.loss_chunk_size, reduction="sum")
+                                     chunk_size=self.cfg.loss_chunk_size, reduction="sum",
+                                     weight_grad_buffer=self.head_grad.get(weight) if self.head_grad else None)
 
     def train_step(self) -> dict:
         from .health import locate_nonfinite, total_norm_and_finite
