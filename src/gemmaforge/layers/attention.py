@@ -361,6 +361,16 @@ def _document_group_mask(groups: torch.Tensor, window: int | None) -> torch.Tens
     return dense_mask_of(mod, groups.shape[0], len(i), len(i), groups.device)
 
 
+def _cat_seq(outs: list) -> torch.Tensor:
+    """Documents' outputs [B, H, L_i, D] -> [B, H, S, D] laid out in memory as [B, S, H, D], the
+    layout ``o_proj`` reads (``transpose(1, 2).reshape``): then that reshape is a view, not a copy,
+    and the tensor o_proj saves for its backward is the one attention saved. One document: no copy
+    (sdpa's CPU and CUDA kernels give their output the query's layout, which is [B, S, H, D] here)."""
+    if len(outs) == 1:
+        return outs[0]
+    return torch.cat([o.transpose(1, 2) for o in outs], dim=1).transpose(1, 2)
+
+
 def sdpa_attention(q, k, v, call: AttnCall, return_probs: bool = False):
     if call.softcap is not None:  # SDPA has no score modifier: softcapped layers use the reference
         return eager_attention(q, k, v, call, return_probs)
@@ -383,7 +393,7 @@ def sdpa_attention(q, k, v, call: AttnCall, return_probs: bool = False):
                 outs.append(_sdpa(qs, ks, vs, None, True, call.scale))
             else:
                 outs.append(_sdpa(qs, ks, vs, _window_mask(e - s, call.window, q.device), False, call.scale))
-        return torch.cat(outs, dim=2), None
+        return _cat_seq(outs), None
     plain_causal = info.single_doc and call.keys_are_queries and not call.has_groups
     if plain_causal and (call.window is None or sq <= call.window):
         return _sdpa(q, k, v, None, True, call.scale), None
