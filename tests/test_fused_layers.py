@@ -85,6 +85,14 @@ def test_gated_mlp_calls_a_hooked_down_projection():
     handle = mlp.down_proj.register_forward_hook(lambda m, a, out: seen.append(out.shape) or out * 0)
     y = mlp(x)
     assert seen == [(2, 7, 16)] and torch.equal(y, torch.zeros_like(y))
+    # the watched module still gets the lean activation: act(g) is not saved, only g, u and the
+    # product the down projection reads
+    saved = []
+    params = {p.data_ptr() for p in mlp.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mlp(x)
+    storages = {t.untyped_storage().data_ptr(): t.numel() for t in saved if t.data_ptr() not in params}
+    assert sum(storages.values()) == x.numel() + 3 * 2 * 7 * 40
     handle.remove()
-    assert mlp(x).abs().sum() > 0 and len(seen) == 1
+    assert mlp(x).abs().sum() > 0 and len(seen) == 2
 

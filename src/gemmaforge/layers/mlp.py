@@ -14,6 +14,31 @@ ACTIVATIONS = {
 }
 
 
+def _gate_up_grads(ctx, gp: torch.Tensor, g: torch.Tensor, u: torch.Tensor, a: torch.Tensor):
+    """Gradients of ``act(g) * u`` for ``g`` and ``u`` given ``gp`` = d/d(act(g) * u), ``a`` = act(g)."""
+    gu = gp * a if ctx.needs_input_grad[1] else None
+    gg = torch.ops.aten.gelu_backward(gp * u, g, approximate=ctx.approximate) if ctx.needs_input_grad[0] else None
+    return gg, gu
+
+
+class _GatedActivation(torch.autograd.Function):
+    """``act(g) * u`` saving only ``g`` and ``u`` (autograd would also keep ``act(g)``, the size of the
+    MLP's intermediate); the backward recomputes ``act(g)`` and its derivative. For a down projection
+    that ``_GatedDown`` cannot take (a LoRA wrapper, a hooked module, a sharded weight)."""
+
+    @staticmethod
+    def forward(ctx, g, u, approximate: str):
+        ctx.save_for_backward(g, u)
+        ctx.approximate = approximate
+        return F.gelu(g, approximate=approximate) * u
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gp):
+        g, u = ctx.saved_tensors
+        return (*_gate_up_grads(ctx, gp, g, u, F.gelu(g, approximate=ctx.approximate)), None)
+
+
 class _GatedDown(torch.autograd.Function):
     """``down(act(g) * u)`` for a plain bias-free ``down`` weight, saving only ``g`` and ``u``.
 
@@ -45,10 +70,7 @@ class _GatedDown(torch.autograd.Function):
             del h
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             gp = gy2.mm(weight.to(gy.dtype)).view(g.shape).to(g.dtype)  # d(act(g) * u)
-            if ctx.needs_input_grad[1]:
-                gu = gp * a
-            if ctx.needs_input_grad[0]:
-                gg = torch.ops.aten.gelu_backward(gp * u, g, approximate=ctx.approximate)
+            gg, gu = _gate_up_grads(ctx, gp, g, u, a)
         return gg, gu, gw, None
 
 
@@ -72,23 +94,27 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[activation]
         self.gelu_approximate = GELU_APPROXIMATE.get(activation)  # None: not a GELU (autograd path)
 
-    def _lean_down(self, g: torch.Tensor, u: torch.Tensor) -> bool:
-        """Eager training through a plain bias-free ``nn.Linear`` down projection with a plain weight
-        (not a LoRA wrapper, a tensor-parallel DTensor or a compiled graph) that no module hook
-        watches (``_GatedDown`` does not call the module, so its hooks would not run; with a hook,
-        e.g. the health check's per-module probes, the module is called): ``_GatedDown`` applies."""
+    def _plain_down(self) -> bool:
+        """A plain bias-free ``nn.Linear`` down projection with a plain weight (not a LoRA wrapper or a
+        tensor-parallel DTensor) that no module hook watches: ``_GatedDown`` may take it. It does not
+        call the module, so a hook (a user's, or the health check's per-module probes) would not run;
+        then the module is called."""
         d = self.down_proj
-        return (torch.is_grad_enabled() and (g.requires_grad or u.requires_grad or d.weight.requires_grad)
-                and type(d) is nn.Linear and d.bias is None and type(d.weight.data) is torch.Tensor
-                and not _module_hooked(d) and not torch.compiler.is_compiling())
+        return (type(d) is nn.Linear and d.bias is None and type(d.weight.data) is torch.Tensor
+                and not _module_hooked(d))
 
     def forward(self, x: torch.Tensor, hook=None) -> torch.Tensor:
         """``hook(name, tensor) -> tensor`` taps mlp.hook_pre / hook_pre_linear / hook_post when given."""
         if hook is None:
             g, u = self.gate_proj(x), self.up_proj(x)
-            if self.gelu_approximate is not None and self._lean_down(g, u):  # eager training: see _GatedDown
-                return _GatedDown.apply(g, u, self.down_proj.weight, self.gelu_approximate)
-            return self.down_proj(self.act(g) * u)
+            d = self.down_proj
+            if self.gelu_approximate is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                # eager training: autograd would save act(g) and act(g) * u as well as g and u
+                if (g.requires_grad or u.requires_grad or d.weight.requires_grad) and self._plain_down():
+                    return _GatedDown.apply(g, u, d.weight, self.gelu_approximate)
+                if g.requires_grad or u.requires_grad:
+                    return d(_GatedActivation.apply(g, u, self.gelu_approximate))
+            return d(self.act(g) * u)
         pre = hook("mlp.hook_pre", self.gate_proj(x))
         lin = hook("mlp.hook_pre_linear", self.up_proj(x))
         return self.down_proj(hook("mlp.hook_post", self.act(pre) * lin))
