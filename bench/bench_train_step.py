@@ -30,7 +30,7 @@ def step_flops(cfg, T: int) -> float:
     return model_flops(cfg, [T])
 
 
-def build_step(which: str, seq: int, threads: int):
+def build_step(which: str, seq: int, threads: int, chunk: int = 0):
     """Load one side and return ``(step, cfg)``; ``step()`` runs one optimizer step, returns the loss."""
     import torch
 
@@ -72,7 +72,7 @@ def build_step(which: str, seq: int, threads: int):
         trim = ReturnFreedMemory.create()
         if trim is not None:
             trim.attach(model)
-        chunk = TrainConfig().loss_chunk_size  # the Trainer's default
+        chunk = chunk or TrainConfig().loss_chunk_size  # the Trainer's default unless --loss-chunk
         head_grad = HeadGradBuffer()  # the head's [V, H] gradient memory, kept from step to step
 
         def step():
@@ -85,7 +85,7 @@ def build_step(which: str, seq: int, threads: int):
                 trim()
             w = model.head_weight()
             loss = chunked_cross_entropy(h, w, labels, reduction="mean", chunk_size=chunk,
-                                         weight_grad_buffer=head_grad.get(w))
+                                         weight_grad_buffer=head_grad.get(w), logits_buffer=head_grad.logits(w, chunk))
             loss.backward()
             if tied is not None:
                 tied.accumulate(ids, leaf)
@@ -96,10 +96,10 @@ def build_step(which: str, seq: int, threads: int):
     return step, load_config(d)
 
 
-def serve(which: str, seq: int, threads: int) -> None:
+def serve(which: str, seq: int, threads: int, chunk: int = 0) -> None:
     """Worker process: load, then run one step per ``step`` line on stdin (so that the parent can
     alternate the sides step by step), and report the peak RSS on ``done``."""
-    step, cfg = build_step(which, seq, threads)
+    step, cfg = build_step(which, seq, threads, chunk)
     print(json.dumps({"ready": which}), flush=True)
     for line in sys.stdin:
         if line.strip() == "step":
@@ -117,18 +117,20 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--loss-chunk", type=int, default=0, help="loss chunk rows (default: TrainConfig's)")
     ap.add_argument("--worker", default=None)
     ap.add_argument("--only", default=None, help="run one side only: gemmaforge or transformers")
     ap.add_argument("--lora", action="store_true", help="also LoRA rank 16 (all seven projections) vs full fine-tune")
     a = ap.parse_args()
     if a.worker:
-        serve(a.worker, a.seq, a.threads)
+        serve(a.worker, a.seq, a.threads, a.loss_chunk)
         return
     sides = [a.only] if a.only else ["gemmaforge", "transformers"] + (["gemmaforge-lora"] if a.lora else [])
     procs = {}
     for which in sides:  # loaded one after the other; each waits idle while another one steps
         procs[which] = subprocess.Popen([sys.executable, __file__, "--worker", which, "--seq", str(a.seq),
-                                         "--threads", str(a.threads)], stdin=subprocess.PIPE,
+                                         "--threads", str(a.threads), "--loss-chunk", str(a.loss_chunk)],
+                                        stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True)
 
     def reply(which: str) -> dict:

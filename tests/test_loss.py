@@ -163,6 +163,32 @@ def test_ce_weight_grad_buffer_is_reused_and_exact(softcap):
         chunked_cross_entropy(leaf(hidden), w_buf, labels, weight_grad_buffer=buf.double())
 
 
+def test_ce_logits_buffer_is_the_chunk_workspace():
+    """``logits_buffer``: a frozen head's chunk logits are formed in the given workspace (stale
+    contents never leak), results equal a fresh workspace's bitwise; a buffer smaller than
+    chunk_size * V is refused."""
+    hidden, weight, labels = make_inputs(scale=1.0)
+    ws = torch.full((8 * V,), float("nan"))
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.mm and kwargs.get("out") is not None:
+                seen.append(kwargs["out"].untyped_storage().data_ptr())
+            return func(*args, **kwargs)
+
+    h1, h2 = leaf(hidden), leaf(hidden)
+    with Spy():
+        out = chunked_cross_entropy(h1, weight, labels, chunk_size=8, reduction="mean", logits_buffer=ws)
+    ref = chunked_cross_entropy(h2, weight, labels, chunk_size=8, reduction="mean")
+    out.backward()
+    ref.backward()
+    assert ws.data_ptr() in seen and torch.equal(out, ref) and torch.equal(h1.grad, h2.grad)
+    with pytest.raises(ValueError, match="logits_buffer must be"):
+        chunked_cross_entropy(leaf(hidden), weight, labels, chunk_size=8, logits_buffer=ws[: 8 * V - 1])
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_ce_weight_without_grad(reduction, softcap):

@@ -316,6 +316,13 @@ def test_head_grad_buffer_is_reused_across_steps_and_changes_nothing(tmp_path):
         assert hb.get(w2) is None
     assert hb.get(torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))) is None
     assert hb.get(torch.zeros(4, 3)) is None  # frozen
+    # a frozen head gets the chunk-logits workspace instead, the same one each step
+    frozen = torch.zeros(4, 3)
+    ws = hb.logits(frozen, 5)
+    assert ws.shape == (5 * 4,) and ws.dtype == torch.float32 and hb.logits(frozen, 5) is ws
+    assert hb.logits(w2, 5) is None  # a trained head's logits live in get()'s buffer
+    with torch.no_grad():
+        assert hb.logits(frozen, 5) is None
 
 
 def test_default_step_is_one_forward_and_micro_batches_never_exceed_the_step():

@@ -342,7 +342,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @_fp32_region
-    def forward(ctx, h, weight, y, softcap, chunk_size, need_gh, need_gw, lowp=None, gw_buffer=None):
+    def forward(ctx, h, weight, y, softcap, chunk_size, need_gh, need_gw, lowp=None, gw_buffer=None,
+                logits_buffer=None):
         n_in, hdim = h.shape
         v = weight.shape[0]
         dev = h.device
@@ -376,7 +377,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
             else:
                 e = min(s + chunk_size, n)
                 if ws is None:
-                    ws = torch.empty(v * min(chunk_size, n - s), dtype=torch.float32, device=dev)
+                    ws = logits_buffer.view(-1) if logits_buffer is not None else \
+                        torch.empty(v * min(chunk_size, n - s), dtype=torch.float32, device=dev)
                 zt = ws[: v * (e - s)].view(v, e - s)
             c = e - s
             losses[s:e] = _ce_chunk(hc[s:e], wc, y[s:e], softcap, zt, tile, gh[s:e] if need_gh else None,
@@ -409,7 +411,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 gh.mul_(grad_out.to(gh.dtype))
             if gw is not None:
                 gw.mul_(grad_out.to(gw.dtype))
-        return gh, gw, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- #
@@ -543,6 +545,7 @@ def chunked_cross_entropy(
     reduction: str = "sum",
     ignore_index: int = -100,
     weight_grad_buffer: Optional[torch.Tensor] = None,
+    logits_buffer: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``softcap(hidden @ weight.T)`` against ``labels`` without
     materialising the ``[N, V]`` logits.
@@ -565,6 +568,11 @@ def chunked_cross_entropy(
             A training loop passes the same buffer every step (``weight.grad`` set to None in
             between), so the 671 MB gradient of Gemma 3 270M is not re-allocated, and on CPU not
             page-faulted in, each step. It must not hold a gradient still in use.
+        logits_buffer: optional contiguous fp32 tensor on ``hidden``'s device with at least
+            ``chunk_size * V`` elements, the fused loss's chunk-logits workspace instead of a fresh
+            allocation each call (a frozen head, e.g. LoRA: 268 MB for Gemma 3 270M at chunk 256;
+            with ``weight_grad_buffer`` only rows beyond the first ``H`` need it). Reused by a
+            training loop from step to step.
 
     Returns:
         fp32 scalar (``"sum"``/``"mean"``) or fp32 tensor shaped like ``labels``.
@@ -599,8 +607,14 @@ def chunked_cross_entropy(
     lowp = _lowp_gemm_dtype(h_v)
     if weight_grad_buffer is not None:
         _check_grad_buffer(weight_grad_buffer, weight, lowp)
+    if logits_buffer is not None:
+        b = logits_buffer
+        if b.dtype != torch.float32 or b.device != h_v.device or not b.is_contiguous() or b.numel() < chunk_size * vocab:
+            raise ValueError(f"logits_buffer must be a contiguous fp32 tensor on {h_v.device} with at least "
+                             f"chunk_size * V = {chunk_size} * {vocab} elements; got {b.dtype} {list(b.shape)} "
+                             f"on {b.device}")
     total = _FusedCrossEntropy.apply(h_v, weight, y_v, softcap, chunk_size, need_gh, need_gw, lowp,
-                                     weight_grad_buffer if need_gw else None)
+                                     weight_grad_buffer if need_gw else None, logits_buffer)
     if reduction == "mean":
         # nan when nothing is valid, like F.cross_entropy (whose gradients are then 0)
         total = total / n_valid if n_valid > 0 else total * 0.0 + float("nan")
