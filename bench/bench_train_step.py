@@ -69,7 +69,7 @@ def build_step(which: str, seq: int, threads: int, chunk: int = 0):
         labels = torch.cat([ids[0, 1:], torch.tensor([-100])])
         # as the Trainer does on CPU: the tied table's lean gradient, and freed memory handed back
         tied = TiedEmbeddingGrad(model) if TiedEmbeddingGrad.applies(model) else None
-        trim = ReturnFreedMemory.create()
+        trim = ReturnFreedMemory.for_model(model)
         if trim is not None:
             trim.attach(model)
         chunk = chunk or TrainConfig().loss_chunk_size  # the Trainer's default unless --loss-chunk

@@ -252,6 +252,30 @@ def test_return_freed_memory_trims_before_the_loss_and_when_backward_grows(tmp_p
     assert losses == without
 
 
+def test_return_freed_memory_only_where_most_weights_train():
+    """The heap grows from gradients landing above freed activations: the Trainer trims for a full
+    fine-tune, not for adapters (LoRA), whose trims cost page faults and saved little."""
+    import sys
+
+    from gemmaforge.train import ReturnFreedMemory
+
+    model = tiny_model()
+    if not sys.platform.startswith("linux"):
+        assert ReturnFreedMemory.for_model(model) is None
+        return
+    assert isinstance(ReturnFreedMemory.for_model(model), ReturnFreedMemory)
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    for p in sorted(params, key=lambda p: -p.numel()):  # freeze the largest until under a quarter trains
+        if 4 * sum(q.numel() for q in params if q.requires_grad) < total:
+            break
+        p.requires_grad_(False)
+    assert ReturnFreedMemory.for_model(model) is None
+    for p in params:
+        p.requires_grad_(True)
+    assert ReturnFreedMemory.for_model(model) is not None
+
+
 def test_return_freed_memory_keeps_the_forward_below_the_backward_mark():
     """The forward trims only where the resident size passes the last backward's mark (the size
     just after the loss, reached anyway): never before the first backward, never below the mark."""

@@ -229,6 +229,17 @@ class ReturnFreedMemory:
         fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
         return cls(fn, cls.SLACK if slack is None else slack)
 
+    @classmethod
+    def for_model(cls, model, slack: Optional[int] = None) -> "ReturnFreedMemory | None":
+        """``create()`` where the model trains at least a quarter of its weights; None for adapters
+        (LoRA). The gradients, allocated during the backward above the freed activations, are what
+        grows the heap: LoRA r16 on the 270M peaked at 2.18 GiB untrimmed vs 2.10 GiB trimmed, while
+        the trims cost it ~170 k page faults per step (full fine-tune: 4.82 vs 4.50 GiB)."""
+        params = list(model.parameters())
+        total = sum(p.numel() for p in params)
+        trained = sum(p.numel() for p in params if p.requires_grad)
+        return cls.create(slack) if total and 4 * trained >= total else None
+
     def __call__(self) -> None:
         self._trim(0)
 
@@ -402,7 +413,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.tied_grad = TiedEmbeddingGrad(self.model) if TiedEmbeddingGrad.applies(self.model) else None
         self.head_grad = HeadGradBuffer() if self.device.type == "cpu" and not self.autocast else None
-        self.trim = ReturnFreedMemory.create() if self.device.type == "cpu" else None
+        self.trim = ReturnFreedMemory.for_model(self.model) if self.device.type == "cpu" else None
         if self.trim is not None:
             self.trim.attach(self.model)
         fused = self.device.type in ("cpu", "cuda")
