@@ -85,7 +85,7 @@ def build_step(which: str, seq: int, threads: int, chunk: int = 0):
                 trim()
             w = model.head_weight()
             loss = chunked_cross_entropy(h, w, labels, reduction="mean", chunk_size=chunk,
-                                         weight_grad_buffer=head_grad.get(w), logits_buffer=head_grad.logits(w, chunk))
+                                         **head_grad.loss_buffers(w, chunk))
             loss.backward()
             if tied is not None:
                 tied.accumulate(ids, leaf)

@@ -365,27 +365,37 @@ class HeadGradBuffer:
         self.ws: Optional[torch.Tensor] = None
 
     def get(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
-        from torch.distributed.tensor import DTensor
-
-        if (weight.grad is not None or not weight.requires_grad or weight.dtype != torch.float32
-                or isinstance(weight, DTensor) or not torch.is_grad_enabled()):
+        if weight.grad is not None or not weight.requires_grad or weight.dtype != torch.float32 or not _local(weight):
             return None
-        if self.buf is None or self.buf.shape != weight.shape or self.buf.device != weight.device:
-            self.buf = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        self.buf = _kept(self.buf, tuple(weight.shape), weight.device)
         return self.buf
 
     def logits(self, weight: torch.Tensor, chunk: int) -> Optional[torch.Tensor]:
         """The ``chunk * V`` fp32 logits workspace of a frozen head's loss while training (LoRA: a
         fresh 268 MB workspace per step was ~65 k page faults on Gemma 3 270M); None for a trained
         head (its logits live in ``get``'s buffer) or without gradients."""
-        from torch.distributed.tensor import DTensor
-
-        if weight.requires_grad or not torch.is_grad_enabled() or isinstance(weight, DTensor):
+        if weight.requires_grad or not _local(weight):
             return None
-        n = chunk * weight.shape[0]
-        if self.ws is None or self.ws.numel() != n or self.ws.device != weight.device:
-            self.ws = torch.empty(n, dtype=torch.float32, device=weight.device)
+        self.ws = _kept(self.ws, (chunk * weight.shape[0],), weight.device)
         return self.ws
+
+    def loss_buffers(self, weight: torch.Tensor, chunk: int) -> dict:
+        """``chunked_cross_entropy``'s ``weight_grad_buffer`` and ``logits_buffer`` for this micro-batch."""
+        return {"weight_grad_buffer": self.get(weight), "logits_buffer": self.logits(weight, chunk)}
+
+
+def _local(weight: torch.Tensor) -> bool:
+    """Training (gradients on) a plain, not distributed, weight."""
+    from torch.distributed.tensor import DTensor
+
+    return torch.is_grad_enabled() and not isinstance(weight, DTensor)
+
+
+def _kept(buf: Optional[torch.Tensor], shape: tuple, device: torch.device) -> torch.Tensor:
+    """``buf`` when it already has this shape and device, else a new fp32 one."""
+    if buf is None or tuple(buf.shape) != shape or buf.device != device:
+        buf = torch.empty(shape, dtype=torch.float32, device=device)
+    return buf
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -529,9 +539,8 @@ class Trainer:
         return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels,
                                      softcap=getattr(self.model.config, "final_logit_softcapping", None),
                                      chunk_size=self.cfg.loss_chunk_size, reduction="sum",
-                                     weight_grad_buffer=self.head_grad.get(weight) if self.head_grad else None,
-                                     logits_buffer=(self.head_grad.logits(weight, self.cfg.loss_chunk_size)
-                                                    if self.head_grad else None))
+                                     **(self.head_grad.loss_buffers(weight, self.cfg.loss_chunk_size)
+                                        if self.head_grad else {}))
 
     def train_step(self) -> dict:
         from .health import locate_nonfinite, total_norm_and_finite
