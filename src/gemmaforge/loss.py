@@ -161,6 +161,13 @@ def _check_grad_buffer(buf: torch.Tensor, weight: torch.Tensor, lowp: Optional[t
                          "accumulates into it); set weight.grad to None first or pass no buffer")
 
 
+def _check_logits_buffer(b: torch.Tensor, device: torch.device, chunk_size: int, vocab: int) -> None:
+    if b.dtype != torch.float32 or b.device != device or not b.is_contiguous() or b.numel() < chunk_size * vocab:
+        raise ValueError(f"logits_buffer must be a contiguous fp32 tensor on {device} with at least "
+                         f"chunk_size * V = {chunk_size} * {vocab} elements; got {b.dtype} {list(b.shape)} "
+                         f"on {b.device}")
+
+
 def _check_range(y: torch.Tensor, vocab: int, name: str) -> None:
     if y.numel() and bool(((y < 0) | (y >= vocab)).any()):
         bad = y[(y < 0) | (y >= vocab)][:5].tolist()
@@ -608,11 +615,7 @@ def chunked_cross_entropy(
     if weight_grad_buffer is not None:
         _check_grad_buffer(weight_grad_buffer, weight, lowp)
     if logits_buffer is not None:
-        b = logits_buffer
-        if b.dtype != torch.float32 or b.device != h_v.device or not b.is_contiguous() or b.numel() < chunk_size * vocab:
-            raise ValueError(f"logits_buffer must be a contiguous fp32 tensor on {h_v.device} with at least "
-                             f"chunk_size * V = {chunk_size} * {vocab} elements; got {b.dtype} {list(b.shape)} "
-                             f"on {b.device}")
+        _check_logits_buffer(logits_buffer, h_v.device, chunk_size, vocab)
     total = _FusedCrossEntropy.apply(h_v, weight, y_v, softcap, chunk_size, need_gh, need_gw, lowp,
                                      weight_grad_buffer if need_gw else None, logits_buffer)
     if reduction == "mean":
