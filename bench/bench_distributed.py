@@ -79,11 +79,14 @@ def worker(rank: int, world: int, model_name: str, layout: dict, seq_len: int, r
            warmup: int, schedule: str):
     import gemmaforge
     from gemmaforge.data import collate_rows
-    from gemmaforge.distributed import all_reduce_sum, shard_items
-    from gemmaforge.loss import chunked_cross_entropy
-    from gemmaforge.transforms.parallel import (ContextParallel, ParallelConfig, ParallelDims, Pipeline,
-                                                 build_meta_model, clip_grad_norm_, materialize, parallelize,
-                                                 row_segments)
+    from gemmaforge.parallel.process import all_reduce_sum, shard_items
+    from gemmaforge.ops.head_loss import chunked_cross_entropy
+    from gemmaforge.parallel.cp import ContextParallel
+    from gemmaforge.parallel.dims import ParallelConfig, ParallelDims
+    from gemmaforge.parallel.grads import clip_grad_norm_
+    from gemmaforge.parallel.init import build_meta_model, materialize
+    from gemmaforge.parallel.parallelize import parallelize
+    from gemmaforge.parallel.pp import Pipeline, row_segments
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cfg = gemmaforge.preset(model_name)
@@ -123,7 +126,7 @@ def worker(rank: int, world: int, model_name: str, layout: dict, seq_len: int, r
                     loss = cp.loss_sum(model, b, chunk_size=512)
                 else:
                     h = model(b["input_ids"], cu_seqlens=b["cu_seqlens"], return_hidden=True)
-                    loss = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), model.head_weight(),
+                    loss = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), model.lm_head.weight,
                                                  b["labels"].reshape(-1), chunk_size=512, reduction="sum")
                 (loss / n_valid).backward()
             clip_grad_norm_(params, 1.0)
@@ -145,7 +148,7 @@ def worker(rank: int, world: int, model_name: str, layout: dict, seq_len: int, r
 
 
 def run(model_name: str, layout_s: str, args) -> list[dict]:
-    from gemmaforge.distributed import launch
+    from gemmaforge.parallel.process import launch
 
     layout = parse_layout(layout_s)
     world = layout_world(layout)

@@ -53,8 +53,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     import gemmaforge
-    from gemmaforge.checkpoint.resolve import embedded_dir
-    from gemmaforge.generate import generate_ids
+    from gemmaforge.formats.resolve import embedded_dir
+    from gemmaforge.inference.generate import generate_ids
 
     hf_dir = embedded_dir()  # converts once on first use
     # load time in a fresh process (what a user sees on a second run)

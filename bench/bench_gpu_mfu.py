@@ -58,8 +58,8 @@ def worker(preset: str, seq: int, docs: int, steps: int, config: str, profile: s
     import torch
 
     import gemmaforge
-    from gemmaforge.loss import chunked_cross_entropy
-    from gemmaforge.train import param_groups
+    from gemmaforge.ops.head_loss import chunked_cross_entropy
+    from gemmaforge.train.optim import param_groups
 
     torch.set_float32_matmul_precision("high")  # fp32 matmuls (the LM-head loss) on TF32 tensor cores
     backend, _, comp = config.partition("+")
@@ -71,7 +71,7 @@ def worker(preset: str, seq: int, docs: int, steps: int, config: str, profile: s
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = 64  # one entry per block (layer index is a constant)
-        from gemmaforge.transforms.parallel import compile_blocks
+        from gemmaforge.parallel.compile import compile_blocks
 
         compile_blocks(model)
     cfg = model.config
@@ -85,7 +85,7 @@ def worker(preset: str, seq: int, docs: int, steps: int, config: str, profile: s
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             h = model(ids, cu_seqlens=cu, return_hidden=True)[0]
-            loss = chunked_cross_entropy(h, model.head_weight(), labels, reduction="mean", chunk_size=1024,
+            loss = chunked_cross_entropy(h, model.lm_head.weight, labels, reduction="mean", chunk_size=1024,
                                          softcap=cfg.final_logit_softcapping)
         loss.backward()
         opt.step()

@@ -64,7 +64,7 @@ def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
 
 def per_call_overhead(model, names: list[str], x: torch.Tensor, n: int = 20000) -> float:
     """Seconds one hook site costs with a no-op hook attached: the Hooks object called directly."""
-    from gemmaforge.transforms.hooks import Hooks
+    from gemmaforge.models.common.hooks import Hooks
 
     h = Hooks(model, [(nm, lambda t, hook: None) for nm in names])
     sites = [(int(nm.split(".")[1]), nm.split(".", 2)[2]) if nm.startswith("blocks.") else (None, nm)
@@ -97,7 +97,7 @@ def cpu_name() -> str:
 
 
 def section_a(model, ids, out, repeats: int) -> None:
-    from gemmaforge.transforms.hooks import EAGER, hook_names
+    from gemmaforge.models.common.hooks import EAGER, hook_names
 
     all_points = hook_names(model)
     same_kernel = [n for n in all_points if n.split(".", 2)[-1] not in EAGER]
@@ -163,7 +163,7 @@ def tl_bridge(model, random_init: bool):
     hf_eager = hf_model_like(model, attn="eager").to(model.device)
     hf_eager.config.architectures = ["Gemma3ForCausalLM"]  # the bridge picks its adapter from this
     if not random_init:
-        from gemmaforge.checkpoint.resolve import embedded_dir
+        from gemmaforge.formats.resolve import embedded_dir
 
         # the embedded model's HF-format dir: the bridge reads the tokenizer from there
         src = str(embedded_dir())

@@ -40,7 +40,7 @@ def _maxrss_mb() -> float:
 def _make_step(cfg: dict):
     import torch
 
-    from gemmaforge.loss import chunked_cross_entropy, chunked_logprobs, naive_cross_entropy, naive_logprobs
+    from gemmaforge.ops.head_loss import chunked_cross_entropy, chunked_logprobs, naive_cross_entropy, naive_logprobs
 
     dev = torch.device(cfg["device"])
     dtype = getattr(torch, cfg["dtype"])

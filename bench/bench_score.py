@@ -52,7 +52,7 @@ def worker(mode: str, tokens: int, chunk: int, repeats: int) -> dict:
 
     torch.set_num_threads(2)
     import gemmaforge
-    from gemmaforge.score import score
+    from gemmaforge.rl.score import score
 
     t0 = time.perf_counter()
     model = gemmaforge.from_pretrained("gemma-3-270m")
@@ -100,9 +100,9 @@ def worker(mode: str, tokens: int, chunk: int, repeats: int) -> dict:
                 # score() runs the same body forward then the chunked head; time the two apart
                 hidden = model(ids, cu_seqlens=cu, return_hidden=True)
                 tb = time.perf_counter()
-                from gemmaforge.loss import chunked_logprobs
+                from gemmaforge.ops.head_loss import chunked_logprobs
 
-                out = chunked_logprobs(hidden, model.head_weight(), tgt,
+                out = chunked_logprobs(hidden, model.lm_head.weight, tgt,
                                        softcap=model.config.final_logit_softcapping, chunk_size=chunk,
                                        return_entropy=mode == "chunked+entropy")
                 result = out[0] if isinstance(out, tuple) else out
@@ -128,7 +128,7 @@ def worker(mode: str, tokens: int, chunk: int, repeats: int) -> dict:
         "time_s": min(times), "times_s": times, "body_s": min(body_times), "head_s": min(head_times),
         "score_call_s": score_s, "score_vs_split_max_abs": agree,
         "softcap": model.config.final_logit_softcapping, "vocab": V,
-        "head_weight_mib": model.head_weight().numel() * 4 / 2**20,
+        "head_weight_mib": model.lm_head.weight.numel() * 4 / 2**20,
         "params_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
         "checksum": float(result[:-1].double().sum()),
     }
@@ -162,7 +162,7 @@ def main() -> int:
         _write(res, a)
         return 0
     if a.chunk_size is None:
-        from gemmaforge.score import DEFAULT_CHUNK
+        from gemmaforge.rl.score import DEFAULT_CHUNK
 
         a.chunk_size = DEFAULT_CHUNK
     if a.worker:

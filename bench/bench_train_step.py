@@ -36,8 +36,8 @@ def build_step(which: str, seq: int, threads: int, chunk: int = 0):
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    from gemmaforge.checkpoint.resolve import embedded_dir
-    from gemmaforge.config import load_config
+    from gemmaforge.formats.resolve import embedded_dir
+    from gemmaforge.models.registry import load_config
 
     d = embedded_dir()
     ids = torch.randint(10, 200_000, (1, seq))
@@ -56,12 +56,14 @@ def build_step(which: str, seq: int, threads: int, chunk: int = 0):
             return float(out.loss)
     else:
         import gemmaforge
-        from gemmaforge.loss import chunked_cross_entropy
-        from gemmaforge.train import HeadGradBuffer, ReturnFreedMemory, TiedEmbeddingGrad, TrainConfig, param_groups
+        from gemmaforge.ops.head_loss import chunked_cross_entropy
+        from gemmaforge.cpu_policy import HeadGradBuffer, ReturnFreedMemory, TiedEmbeddingGrad
+        from gemmaforge.train import TrainConfig
+        from gemmaforge.train.optim import param_groups
 
         model = gemmaforge.from_pretrained("gemma-3-270m").train()
         if which == "gemmaforge-lora":
-            from gemmaforge.transforms.lora import LoraConfig, apply_lora
+            from gemmaforge.adapters.lora import LoraConfig, apply_lora
 
             apply_lora(model, LoraConfig(rank=16))  # all seven projections of every layer
         opt = torch.optim.AdamW(param_groups(model, 0.0, False), lr=1e-5, fused=True)
@@ -83,7 +85,7 @@ def build_step(which: str, seq: int, threads: int, chunk: int = 0):
                 h = model(ids, cu_seqlens=cu, return_hidden=True)[0]
             if trim is not None:
                 trim()
-            w = model.head_weight()
+            w = model.lm_head.weight
             loss = chunked_cross_entropy(h, w, labels, reduction="mean", chunk_size=chunk,
                                          **head_grad.loss_buffers(w, chunk))
             loss.backward()

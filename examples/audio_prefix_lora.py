@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import gemmaforge
 from gemmaforge.multimodal import Projector, embedding_scale_of
-from gemmaforge.transforms.lora import LoraConfig, apply_lora
+from gemmaforge.adapters.lora import LoraConfig, apply_lora
 
 CLASSES = [" dog", " cat", " bird", " car"]
 

@@ -8,8 +8,8 @@ from conftest import hf_model_like, run_cli
 
 import gemmaforge
 from gemmaforge import from_config
-from gemmaforge.checkpoint.hf import save_hf
-from gemmaforge.config import preset
+from gemmaforge.formats.hf import save_hf
+from gemmaforge.models.registry import preset
 from gemmaforge.errors import CheckpointError, ConfigError
 
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from gemmaforge import from_config
-from gemmaforge.config import preset
-from gemmaforge.transforms.checkpointing import (
+from gemmaforge.models.registry import preset
+from gemmaforge.parallel.checkpointing import (
     apply_activation_checkpointing,
     checkpointed_layers,
     remove_activation_checkpointing,
@@ -142,7 +142,7 @@ def test_every_selects_layers_and_both_rope_types_checkpointed():
 
 
 def test_no_grad_and_kv_cache_run_plain(monkeypatch):
-    import gemmaforge.transforms.checkpointing as ckmod
+    import gemmaforge.parallel.checkpointing as ckmod
 
     calls = []
     real = ckmod.checkpoint

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import gemmaforge
-from gemmaforge.config import preset
+from gemmaforge.models.registry import preset
 from gemmaforge.data import Document, collate_rows, pack_documents
-from gemmaforge.loss import chunked_cross_entropy
-from gemmaforge.transforms.parallel import compile_blocks
+from gemmaforge.ops.head_loss import chunked_cross_entropy
+from gemmaforge.parallel.compile import compile_blocks
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +38,7 @@ def _loss_and_grads(model, batch):
     """The trainer's loss (final hidden states -> chunked cross-entropy sum / valid tokens) and its gradients."""
     model.zero_grad(set_to_none=True)
     hidden = model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], return_hidden=True)
-    loss = chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.head_weight(),
+    loss = chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight,
                                  batch["labels"].reshape(-1), chunk_size=16, reduction="sum")
     loss = loss / batch["num_valid_labels"]
     loss.backward()

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from gemmaforge import from_config
-from gemmaforge.config import preset
-from gemmaforge.generate import generate_ids
-from gemmaforge.loss import chunked_cross_entropy
+from gemmaforge.models.registry import preset
+from gemmaforge.inference.generate import generate_ids
+from gemmaforge.ops.head_loss import chunked_cross_entropy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
 
@@ -39,7 +39,7 @@ def _loss_and_grads(m, ids, cu, backend):
     h = m(ids, cu_seqlens=cu, attn_backend=backend, return_hidden=True)
     labels = ids.roll(-1).clone()
     labels[cu[1:].long() - 1] = -100
-    loss = chunked_cross_entropy(h, m.head_weight(), labels, reduction="mean", chunk_size=16)
+    loss = chunked_cross_entropy(h, m.lm_head.weight, labels, reduction="mean", chunk_size=16)
     loss.backward()
     return loss.detach(), {n: p.grad.detach().clone() for n, p in m.named_parameters()}
 
@@ -169,7 +169,7 @@ def test_cuda_autocast_head_loss_uses_bf16_operands_with_fp32_results():
     """Under CUDA bf16 autocast the fused LM-head loss multiplies bf16 operands into fp32: its loss and
     gradients sit at bf16-operand distance from the fp32 reference (not identical, not far), with
     several vocabulary blocks and a second (accumulating) token chunk; outside autocast it is fp32."""
-    import gemmaforge.loss as L
+    import gemmaforge.ops.head_loss as L
 
     g = torch.Generator().manual_seed(0)
     n, hdim, v = 300, 64, 5000

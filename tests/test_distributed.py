@@ -1,6 +1,6 @@
 """Parallel layouts against one process: FSDP2, TP, FSDP2 x TP, CP, PP, distributed checkpoints.
 
-Every multi-process test spawns CPU processes with gloo (``gemmaforge.distributed.launch``, one
+Every multi-process test spawns CPU processes with gloo (``gemmaforge.parallel.process.launch``, one
 thread each) running tests/dist/workers.py: the tiny Gemma 3 trains 4 AdamW steps (fp32, packed
 rows with cu_seqlens, chunked cross-entropy summed over valid tokens / the step's global valid-token
 count, grad clipping) and must give the single-process loss after every step and the same final
@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 
 import workers  # noqa: E402
 
-from gemmaforge.distributed import launch  # noqa: E402
+from gemmaforge.parallel.process import launch  # noqa: E402
 from gemmaforge.errors import ConfigError  # noqa: E402
-from gemmaforge.transforms.parallel import ParallelDims, split_layers  # noqa: E402
+from gemmaforge.parallel.dims import ParallelDims
+from gemmaforge.parallel.pp import split_layers  # noqa: E402
 
 dist_mark = pytest.mark.dist
 TOL = 1e-5
@@ -92,7 +93,7 @@ def _moe_config(**over):
     (dict(dp_shard=2, ep=0), 2, True, "--ep must be a positive integer"),
 ])
 def test_wrong_expert_parallel_layout_is_one_clear_line(layout, world, moe, needle):
-    from gemmaforge.transforms.parallel import LayoutError
+    from gemmaforge.parallel.dims import LayoutError
 
     cfg = _moe_config() if moe else workers.tiny_config()
     with pytest.raises(LayoutError) as e:
@@ -113,7 +114,7 @@ def test_expert_parallel_layout_borrows_ranks_from_dp_shard():
 
 
 def test_train_cli_exposes_ep_flag_and_needs_torchrun_layout_error():
-    from gemmaforge.cli import build_parser
+    from gemmaforge.cli.main import build_parser
 
     assert build_parser().parse_args(["train"]).ep == 1
     a = build_parser().parse_args(["train", "--dp-shard", "4", "--ep", "2"])
@@ -128,7 +129,7 @@ def test_layout_resolves_dp_shard_and_cp_divides_seq_len():
 
 
 def test_pipeline_schedule_names_and_wrong_layouts_are_layout_errors():
-    from gemmaforge.transforms.parallel import LayoutError, pipeline_schedule_name
+    from gemmaforge.parallel.dims import LayoutError, pipeline_schedule_name
 
     assert [pipeline_schedule_name(n) for n in ("gpipe", "GPipe", "1f1b", "1F1B")] == ["GPipe", "GPipe", "1F1B", "1F1B"]
     with pytest.raises(LayoutError, match="--pp-schedule must be one of gpipe, 1f1b"):
@@ -176,7 +177,7 @@ def test_fsdp2_x2_tp_x2_with_activation_checkpointing_matches_single_process(ref
 @dist_mark
 def test_init_after_sharding_is_layout_independent():
     """materialize(seed=...) on FSDP x2 and on TP x2 gives exactly the weights of one process."""
-    from gemmaforge.transforms.parallel import build_meta_model, materialize
+    from gemmaforge.parallel.init import build_meta_model, materialize
 
     model = materialize(build_meta_model(workers.tiny_config()), "cpu", seed=3)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied after to_empty
@@ -209,7 +210,7 @@ def test_dcp_saved_at_2_ranks_resumes_at_1_rank_on_the_same_curve_and_exports_hf
 
 
 def test_dcp_refuses_an_incomplete_checkpoint(tmp_path):
-    from gemmaforge.checkpoint.dcp import load_distributed
+    from gemmaforge.train.checkpointer import load_distributed
     from gemmaforge.errors import CheckpointError
 
     (tmp_path / "ck").mkdir()
@@ -225,7 +226,7 @@ def test_dcp_optimizer_groups_are_saved_per_parameter_and_old_versions_refused(t
     another format version is refused in one line."""
     import json
 
-    from gemmaforge.checkpoint.dcp import load_distributed, save_distributed
+    from gemmaforge.train.checkpointer import load_distributed, save_distributed
     from gemmaforge.errors import CheckpointError
 
     model = gemmaforge_tiny()
@@ -427,7 +428,7 @@ def test_pipeline_layout_error_in_the_trainer_is_one_line(trainer_runs):
 
 
 def test_train_cli_exposes_pp_flags():
-    from gemmaforge.cli import build_parser
+    from gemmaforge.cli.main import build_parser
 
     a = build_parser().parse_args(["train", "--pp", "2", "--pp-schedule", "GPipe", "--dp-shard", "1"])
     assert (a.pp, a.pp_schedule, a.dp_shard) == (2, "gpipe", 1)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gemmaforge.layers.mlp import GatedMLP
-from gemmaforge.layers.norm import GemmaRMSNorm, RMSNorm, _rms
+from gemmaforge.layers.norm import GemmaRMSNorm, RMSNorm
+from gemmaforge.ops.rms_norm import rms as _rms
 
 
 @pytest.mark.parametrize("cls,offset", [(GemmaRMSNorm, 1.0), (RMSNorm, 0.0)])
@@ -39,7 +40,7 @@ def test_norm_saves_less_for_backward():
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_gated_mlp_lean_path_equals_the_hooked_path(autocast):
-    """The lean path (``_GatedDown``: recomputes act(g) and act(g) * u in the backward) gives the
+    """The lean path (``GatedDown``: recomputes act(g) and act(g) * u in the backward) gives the
     plain autograd path's output and gradients: bitwise in fp32; under bf16 autocast (the GPU
     default, here on CPU) within bf16 rounding, with fp32 weight gradients."""
     torch.manual_seed(0)

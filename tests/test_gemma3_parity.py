@@ -5,7 +5,9 @@ import torch
 from conftest import hf_model_like
 
 from gemmaforge import from_config
-from gemmaforge.config import FULL, SLIDING, RopeSpec, preset
+from gemmaforge.layers.rope import RopeSpec
+from gemmaforge.models.common.config import FULL, SLIDING
+from gemmaforge.models.registry import preset
 
 CASES = {
     # GQA, head_dim != hidden/heads, qpas != head_dim, linear scaling on full layers, window 8 < seq 40
@@ -82,7 +84,7 @@ def test_cpu_inference_head_in_vocabulary_blocks_equals_one_product(monkeypatch)
     import torch.nn.functional as F
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import gemmaforge.models.base as B
+    import gemmaforge.cpu_policy as B
 
     class CountMM(TorchDispatchMode):
         n = 0
@@ -95,8 +97,9 @@ def test_cpu_inference_head_in_vocabulary_blocks_equals_one_product(monkeypatch)
     monkeypatch.setattr(B, "HEAD_VOCAB_BLOCK", 7)
     monkeypatch.setattr(B, "HEAD_BLOCKED_ROWS", (2, 40))
     torch.manual_seed(0)
-    m = from_config(preset("gemma-3-tiny"))
-    w = m.head_weight()
+    m = B.for_inference(from_config(preset("gemma-3-tiny")))
+    assert isinstance(m.lm_head, B.CPUHead)
+    w = m.lm_head.weight
     V, H = w.shape
     blocks = -(-V // 7)
     assert V % 7  # the last block is partial

@@ -17,14 +17,15 @@ import torch
 import torch.nn.functional as F
 from conftest import hf_model_like
 
-import gemmaforge.models.gemma4  # noqa: F401  (registers the family until models/__init__ imports it)
+import gemmaforge.models.gemma4.model  # noqa: F401
 from gemmaforge import from_config
-from gemmaforge.config import FULL, SLIDING, preset
-from gemmaforge.config_gemma4 import Gemma4Config
+from gemmaforge.models.common.config import FULL, SLIDING
+from gemmaforge.models.registry import preset
+from gemmaforge.models.gemma4.config import Gemma4Config
 from gemmaforge.errors import CheckpointError, ConfigError, InputError
 from gemmaforge.layers.attention import bidirectional_group_mask
 from gemmaforge.multimodal import group_ids_from_token_types
-from gemmaforge.transforms.checkpointing import apply_activation_checkpointing
+from gemmaforge.parallel.checkpointing import apply_activation_checkpointing
 
 CASES = {
     "e2b": ("gemma-4-tiny-e2b", {}),
@@ -170,7 +171,7 @@ def test_store_layer_gets_gradient_from_reuse_layers(monkeypatch):
         attn = m.model.layers[str(i)].self_attn
         assert hasattr(attn, "k_proj") == (mode != "reuse")
     # detach what reuse layers read: the store layers' k_proj gradient must change
-    import gemmaforge.models.gemma4 as g4
+    import gemmaforge.models.gemma4.model as g4
 
     orig = g4.Gemma4State.__init__
 
@@ -250,7 +251,7 @@ def _mm_pair(image_token=500):
     """HF Gemma4ForConditionalGeneration (text only, vision-bidirectional) and ours built from its config."""
     import transformers
 
-    from gemmaforge.checkpoint.hf import hf_to_ours
+    from gemmaforge.formats.hf import hf_to_ours
 
     text = {k: v for k, v in preset("gemma-4-tiny-31b").to_hf().items() if k not in ("architectures", "dtype")}
     text["use_bidirectional_attention"] = "vision"
@@ -356,7 +357,7 @@ def _hf_moe_checkpoint(tmp_path):
 def test_missing_expert_tensor_fails_with_one_line_naming_it(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from gemmaforge.checkpoint.convert import load_any
+    from gemmaforge.formats.convert import load_any
 
     _, d = _hf_moe_checkpoint(tmp_path)
     sd = load_file(d / "model.safetensors")
@@ -385,7 +386,7 @@ def test_save_roundtrip_through_transformers(tmp_path):
     import transformers
 
     import gemmaforge
-    from gemmaforge.checkpoint.hf import save_hf
+    from gemmaforge.formats.hf import save_hf
 
     m = _model("e2b")
     save_hf(m, tmp_path / "m")
@@ -403,7 +404,7 @@ def test_checkpoint_with_kv_weights_on_shared_layers_loads(tmp_path):
     from safetensors.torch import load_file, save_file
 
     import gemmaforge
-    from gemmaforge.checkpoint.hf import save_hf
+    from gemmaforge.formats.hf import save_hf
 
     m = _model("e2b")
     save_hf(m, tmp_path / "m")
@@ -443,7 +444,7 @@ def test_presets_build_the_reference_architecture(name):
     assert hf_cfg.kv_sharing_modes == cfg.kv_sharing_modes
     with torch.device("meta"):
         hf = transformers.Gemma4ForCausalLM(hf_cfg)
-        ours = gemmaforge.models.gemma4.Gemma4ForCausalLM(cfg)
+        ours = gemmaforge.models.gemma4.model.Gemma4ForCausalLM(cfg)
     ref_shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     our_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items() if k != "lm_head.weight"}
     assert our_shapes == ref_shapes

@@ -11,11 +11,11 @@ from test_train import ByteTok, corpus
 
 import gemmaforge
 from gemmaforge import from_config
-from gemmaforge.config_gemma4 import SHARE_REUSE
+from gemmaforge.models.gemma4.config import SHARE_REUSE
 from gemmaforge.errors import ConfigError
 from gemmaforge.train import TrainConfig, Trainer
-from gemmaforge.transforms.hooks import hook_names
-from gemmaforge.transforms.lora import LoraConfig, apply_lora, lora_modules
+from gemmaforge.models.common.hooks import hook_names
+from gemmaforge.adapters.lora import LoraConfig, apply_lora, lora_modules
 
 PRESETS = {"e2b": "gemma-4-tiny-e2b", "31b": "gemma-4-tiny-31b", "moe": "gemma-4-tiny-moe"}
 

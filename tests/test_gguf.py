@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gemmaforge.checkpoint.gguf import (
+from gemmaforge.formats.gguf import (
     GGML_TYPES,
     dequantize,
     gguf_to_hf_config,

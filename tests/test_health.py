@@ -5,9 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from gemmaforge import from_config
-from gemmaforge.config import preset
-from gemmaforge.health import NonFiniteReport, grads_finite, locate_nonfinite, total_norm_and_finite
-from gemmaforge.transforms.checkpointing import apply_activation_checkpointing
+from gemmaforge.models.registry import preset
+from gemmaforge.train.health import NonFiniteReport, grad_norm_and_finite, locate_nonfinite
+
+
+def grads_finite(params):
+    return grad_norm_and_finite(params)[1]
+from gemmaforge.parallel.checkpointing import apply_activation_checkpointing
 
 
 def _model():
@@ -81,18 +85,18 @@ def test_total_norm_is_clip_grad_norms_and_overflow_is_not_a_nan():
     ps = [torch.nn.Parameter(torch.zeros(s)) for s in ((7, 5), (300,), (2, 3, 4))]
     for p in ps:
         p.grad = torch.randn(p.shape, generator=g)
-    n, ok = total_norm_and_finite(ps)
+    n, ok = grad_norm_and_finite(ps)
     assert ok and torch.equal(n, torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0))
     assert torch.equal(n, torch.nn.utils.clip_grad_norm_(ps, 1e9))
-    assert total_norm_and_finite([torch.nn.Parameter(torch.zeros(2))]) == (None, True)
+    assert grad_norm_and_finite([torch.nn.Parameter(torch.zeros(2))]) == (None, True)
     ps[1].grad[:] = 1e20  # finite, but the sum of squares overflows fp32
-    n, ok = total_norm_and_finite(ps)
+    n, ok = grad_norm_and_finite(ps)
     assert not torch.isfinite(n) and ok and grads_finite(ps)
     ps[1].grad[5] = float("nan")
-    assert total_norm_and_finite(ps)[1] is False and not grads_finite(ps)
+    assert grad_norm_and_finite(ps)[1] is False and not grads_finite(ps)
     ps[1].grad[5] = 1.0
     ps[0].grad[1, 1] = float("inf")
-    assert total_norm_and_finite(ps)[1] is False
+    assert grad_norm_and_finite(ps)[1] is False
 
 
 # ----------------------------------------------------------------------------- locate_nonfinite

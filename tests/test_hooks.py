@@ -5,9 +5,10 @@ import torch
 from conftest import hf_model_like
 
 from gemmaforge import from_config
-from gemmaforge.config import FULL, SLIDING, preset
+from gemmaforge.models.common.config import FULL, SLIDING
+from gemmaforge.models.registry import preset
 from gemmaforge.layers.rope import rope_table
-from gemmaforge.transforms.hooks import ActivationCache, act_name, hook_names
+from gemmaforge.models.common.hooks import ActivationCache, act_name, hook_names
 
 S = 20  # longer than the tiny sliding window (8): sliding and full layers see different keys
 
@@ -315,7 +316,7 @@ def test_against_transformer_lens_gemma3_bridge_real_270m(real):
     except ImportError:
         pytest.skip("transformer_lens is not installed (an optional, heavy dependency: pip install "
                     "transformer_lens>=4.3 to run this comparison)")
-    from gemmaforge.checkpoint.resolve import embedded_dir
+    from gemmaforge.formats.resolve import embedded_dir
 
     model, tok, hf = real
     hf.config.architectures = ["Gemma3ForCausalLM"]
@@ -335,7 +336,7 @@ def _with_random_adapter(model, targets):
     """A copy of ``model`` with an unmerged LoRA adapter (non-zero B, so it changes the outputs)."""
     import copy
 
-    from gemmaforge.transforms.lora import LoraConfig, apply_lora, lora_modules
+    from gemmaforge.adapters.lora import LoraConfig, apply_lora, lora_modules
 
     m = copy.deepcopy(model).eval()
     apply_lora(m, LoraConfig(rank=4, alpha=8.0, targets=targets))
@@ -349,7 +350,7 @@ def _with_random_adapter(model, targets):
 def test_hook_result_uses_the_unmerged_lora_adapter_of_o_proj(tiny, ids):
     import torch.nn.functional as F
 
-    from gemmaforge.transforms.lora import merge
+    from gemmaforge.adapters.lora import merge
 
     model = _with_random_adapter(tiny, ["o_proj"])
     L, H, D = model.config.num_hidden_layers, model.config.num_attention_heads, model.config.head_dim

@@ -7,7 +7,7 @@ import torch
 from conftest import run_cli
 
 from gemmaforge import from_config, interp
-from gemmaforge.config import preset
+from gemmaforge.models.registry import preset
 
 S = 12
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -40,7 +40,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, pre_tokenizers
 
-    from gemmaforge.tokenizer import Tokenizer
+    from gemmaforge.data.tokenizer import Tokenizer
 
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *[f"▁{w}" for w in WORDS], "▁$"])}
     backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
@@ -118,7 +118,7 @@ def test_fold_norm_weights_leaves_logits_unchanged(family, ids):
 
 def test_fold_then_save_and_reload(tmp_path, ids):
     from gemmaforge import from_pretrained
-    from gemmaforge.checkpoint.hf import save_hf
+    from gemmaforge.formats.hf import save_hf
 
     model = interp.fold_norm_weights(_tiny())
     save_hf(model, tmp_path / "m")
@@ -249,7 +249,7 @@ def test_heatmaps_and_logit_lens_table(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from gemmaforge.checkpoint.hf import save_hf
+    from gemmaforge.formats.hf import save_hf
 
     d = tmp_path_factory.mktemp("tiny_inspect") / "model"
     save_hf(_tiny(), d, tokenizer=tiny_tokenizer())
@@ -280,7 +280,7 @@ def test_tl_weights_include_an_unmerged_lora_adapter(tiny, ids):
     """W_Q .. W_out are the weights the projections apply: an unmerged adapter is folded in."""
     import copy
 
-    from gemmaforge.transforms.lora import LoraConfig, apply_lora, lora_modules
+    from gemmaforge.adapters.lora import LoraConfig, apply_lora, lora_modules
 
     model = copy.deepcopy(tiny).eval()
     apply_lora(model, LoraConfig(rank=4, alpha=8.0))  # all seven projections

@@ -7,10 +7,10 @@ import torch
 from conftest import hf_model_like
 
 from gemmaforge import from_config
-from gemmaforge.config import preset
+from gemmaforge.models.registry import preset
 from gemmaforge.errors import CheckpointError
-from gemmaforge.transforms.lora import (DEFAULT_TARGETS, LoraConfig, apply_lora, load_adapter, lora_modules, merge,
-                                        merged_copy, save_adapter, unmerge)
+from gemmaforge.adapters.lora import DEFAULT_TARGETS, LoraConfig, apply_lora, lora_modules, merge, merged_copy, unmerge
+from gemmaforge.formats.peft import load_adapter, save_adapter
 
 
 def _base(seed=0):

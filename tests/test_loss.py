@@ -1,4 +1,4 @@
-"""Tests for gemmaforge.loss: chunked LM-head cross-entropy and log-probs."""
+"""Tests for gemmaforge.ops.head_loss: chunked LM-head cross-entropy and log-probs."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from gemmaforge.loss import (
+from gemmaforge.ops.head_loss import (
     chunked_cross_entropy,
     chunked_logprobs,
     naive_cross_entropy,
@@ -73,7 +73,7 @@ def test_ce_vocab_blocks_and_logits_in_gradient_buffer(monkeypatch, n, softcap, 
     """Several vocabulary blocks (the last one partial), logits of the first min(N, H) rows formed
     inside the weight-gradient buffer and overwritten block by block in reverse order: loss and both
     gradients still equal the naive reference, for every label position (first/last block too)."""
-    import gemmaforge.loss as L
+    import gemmaforge.ops.head_loss as L
 
     monkeypatch.setattr(L, "_VOCAB_BLOCK", 8)  # V = 101: 13 blocks, the last of 5 rows
     hidden, weight, labels = make_inputs(n=n, scale=2.5 if softcap else 1.0, ignore=False)
@@ -111,7 +111,7 @@ def test_ce_pads_token_rows_to_aligned_gemms(n):
     """The fused loss pads the valid rows to a multiple of 8 with zero rows, so every GEMM of the
     head sees an aligned token count (511 rows made MKL's logits GEMM 1.4x slower than 512); the
     padding changes neither the loss nor a gradient (a zero row adds exactly 0 to the weight's)."""
-    import gemmaforge.loss as L
+    import gemmaforge.ops.head_loss as L
 
     hidden, weight, labels = make_inputs(n=n, scale=1.0)
     n_valid = int((labels != -100).sum())

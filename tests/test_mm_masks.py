@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from gemmaforge import from_config
-from gemmaforge.config import FULL, SLIDING, preset
+from gemmaforge.models.common.config import FULL, SLIDING
+from gemmaforge.models.registry import preset
 from gemmaforge.errors import InputError
 from gemmaforge.layers.attention import AttnCall, build_seq_info
 from gemmaforge.multimodal import group_ids_from_token_types

@@ -7,7 +7,9 @@ import textwrap
 import pytest
 import torch
 
-from gemmaforge.layers.moe import Gemma4Experts, Gemma4Router, _Rows, apply_expert_parallel, grouped_mm_available
+from gemmaforge.layers.moe import Gemma4Experts, Gemma4Router
+from gemmaforge.ops.grouped_experts import _Rows, grouped_mm_available
+from gemmaforge.parallel.ep import apply_expert_parallel
 
 E, H, I, K = 8, 32, 24, 3
 
@@ -154,7 +156,8 @@ def test_frozen_experts_and_bf16():
 
 _EP_WORKER = textwrap.dedent('''
     import sys, torch, torch.distributed as dist
-    from gemmaforge.layers.moe import Gemma4Experts, Gemma4Router, apply_expert_parallel
+    from gemmaforge.layers.moe import Gemma4Experts, Gemma4Router
+    from gemmaforge.parallel.ep import apply_expert_parallel
     rank, world, tmp = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)

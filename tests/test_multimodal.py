@@ -3,7 +3,7 @@
 import torch
 
 from gemmaforge import from_config
-from gemmaforge.config import preset
+from gemmaforge.models.registry import preset
 from gemmaforge.multimodal import Projector, placeholder_positions
 
 

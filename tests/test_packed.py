@@ -5,7 +5,7 @@ import torch
 from conftest import hf_model_like
 
 from gemmaforge import from_config
-from gemmaforge.config import preset
+from gemmaforge.models.registry import preset
 from gemmaforge.errors import InputError
 
 BACKENDS = ["eager", "sdpa", "flex"]  # flash needs CUDA + flash-attn: see test_cuda.py

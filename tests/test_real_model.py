@@ -5,7 +5,7 @@ import torch
 from conftest import run_cli
 
 from gemmaforge.errors import InputError
-from gemmaforge.generate import generate_ids
+from gemmaforge.inference.generate import generate_ids
 
 PROMPTS = [
     "The capital of France is",

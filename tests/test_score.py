@@ -7,9 +7,9 @@ import torch
 from conftest import hf_model_like, run_cli
 
 from gemmaforge import from_config
-from gemmaforge.config import preset
+from gemmaforge.models.registry import preset
 from gemmaforge.data.packing import Document, collate_rows, pack_documents
-from gemmaforge.score import (
+from gemmaforge.rl.score import (
     RolloutBatch,
     grpo_advantages,
     pack_rollouts,
@@ -277,14 +277,15 @@ def _score_cli(*args):
 @pytest.fixture(scope="module")
 def small_dir(real_gguf, tmp_path_factory):
     """A small random Gemma 3 with the real 262k vocabulary and tokenizer: CLI runs take seconds."""
-    from gemmaforge.checkpoint.hf import save_hf
-    from gemmaforge.tokenizer import Tokenizer
+    from gemmaforge.formats.hf import save_hf
+    from gemmaforge.data.tokenizer import Tokenizer
+    from gemmaforge.formats.gguf import gguf_tokenizer
 
     torch.manual_seed(0)
     model = from_config(preset("gemma-3-tiny", vocab_size=262_144, hidden_size=32, intermediate_size=64,
                                head_dim=16, num_attention_heads=2, num_key_value_heads=1))
     d = tmp_path_factory.mktemp("small_score") / "model"
-    save_hf(model, d, tokenizer=Tokenizer.from_gguf(real_gguf))
+    save_hf(model, d, tokenizer=gguf_tokenizer(real_gguf))
     return d
 
 
@@ -349,7 +350,8 @@ def test_score_cli_matches_the_api_and_reports_bad_lines(small_dir, tmp_path):
 
 def test_score_cli_with_a_lora_adapter(small_dir, tmp_path):
     import gemmaforge
-    from gemmaforge.transforms.lora import LoraConfig, apply_lora, save_adapter
+    from gemmaforge.adapters.lora import LoraConfig, apply_lora
+    from gemmaforge.formats.peft import save_adapter
 
     model = gemmaforge.from_pretrained(str(small_dir))
     apply_lora(model, LoraConfig(rank=2))
@@ -387,7 +389,7 @@ def test_score_cli_with_a_lora_adapter(small_dir, tmp_path):
 ])
 def test_score_data_errors_name_file_and_line(tmp_path, line, needle):
     from gemmaforge.errors import DataError
-    from gemmaforge.score_cli import encode_rollouts, parse_rollouts
+    from gemmaforge.rl.rollouts import encode_rollouts, parse_rollouts
 
     f = tmp_path / "r.jsonl"
     f.write_text('{"prompt_ids": [2, 3], "completion_ids": [4]}\n\n' + line + "\n")
@@ -400,7 +402,7 @@ def test_score_data_errors_name_file_and_line(tmp_path, line, needle):
 def test_score_cli_module_registers_without_side_effects():
     import argparse
 
-    from gemmaforge import score_cli
+    from gemmaforge.cli import score as score_cli
 
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command")

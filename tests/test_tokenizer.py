@@ -8,9 +8,10 @@ from pathlib import Path
 import gguf
 import pytest
 
-from gemmaforge.checkpoint.gguf import gguf_tokenizer_json, load_gguf_tokenizer, read_gguf
+from gemmaforge.formats.gguf import gguf_tokenizer_json, load_gguf_tokenizer, read_gguf
 from gemmaforge.errors import CheckpointError, InputError
-from gemmaforge.tokenizer import Tokenizer
+from gemmaforge.data.tokenizer import Tokenizer
+from gemmaforge.formats.gguf import gguf_tokenizer
 
 PROMPTS = [
     "Hello world",
@@ -38,7 +39,7 @@ SPECIAL_PROMPTS = [
 
 @pytest.fixture(scope="module")
 def ours(real_gguf) -> Tokenizer:
-    return Tokenizer.from_gguf(real_gguf)
+    return gguf_tokenizer(real_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def tiny_gguf(tmp_path) -> Path:
 
 @pytest.fixture()
 def tiny(tiny_gguf) -> Tokenizer:
-    return Tokenizer.from_gguf(tiny_gguf)
+    return gguf_tokenizer(tiny_gguf)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gemmaforge import from_config
-from gemmaforge.config import preset
+from gemmaforge.models.registry import preset
 from gemmaforge.data import Document
 from gemmaforge.train import TrainConfig, Trainer, TrainingStopped, read_metrics
 
@@ -173,7 +173,7 @@ def test_recipe_toml_and_unknown_key(tmp_path):
 def test_tied_embedding_gradient_accumulated_in_place_equals_autograd(tmp_path):
     """The Trainer's lean tied-embedding path (no second [V, H] gradient) gives the same losses and
     weights as letting autograd sum the head's and the lookup's gradients."""
-    from gemmaforge.train import TiedEmbeddingGrad
+    from gemmaforge.cpu_policy import TiedEmbeddingGrad
 
     runs = []
     for lean in (True, False):
@@ -206,7 +206,7 @@ def test_return_freed_memory_trims_before_the_loss_and_when_backward_grows(tmp_p
     after a block whose size exceeds that mark. Losses equal a run without any of it."""
     import sys
 
-    from gemmaforge.train import ReturnFreedMemory
+    from gemmaforge.cpu_policy import ReturnFreedMemory
 
     tr = make_trainer(tmp_path, name="trim", steps=3)
     if not sys.platform.startswith("linux"):
@@ -257,7 +257,7 @@ def test_return_freed_memory_only_where_most_weights_train():
     fine-tune, not for adapters (LoRA), whose trims cost page faults and saved little."""
     import sys
 
-    from gemmaforge.train import ReturnFreedMemory
+    from gemmaforge.cpu_policy import ReturnFreedMemory
 
     model = tiny_model()
     if not sys.platform.startswith("linux"):
@@ -279,7 +279,7 @@ def test_return_freed_memory_only_where_most_weights_train():
 def test_return_freed_memory_keeps_the_forward_below_the_backward_mark():
     """The forward trims only where the resident size passes the last backward's mark (the size
     just after the loss, reached anyway): never before the first backward, never below the mark."""
-    from gemmaforge.train import ReturnFreedMemory
+    from gemmaforge.cpu_policy import ReturnFreedMemory
 
     calls, size = [], [0]
     r = ReturnFreedMemory(calls.append, slack=50, rss=lambda: size[0])
@@ -309,11 +309,11 @@ def test_head_grad_buffer_is_reused_across_steps_and_changes_nothing(tmp_path):
     every step (no fresh 671 MB gradient to page-fault in on the 270M): the weight's gradient lives
     in it after the backward, second micro-batches accumulate as usual, and losses and final
     weights equal a run that allocates a fresh gradient each step, bitwise."""
-    from gemmaforge.train import HeadGradBuffer
+    from gemmaforge.cpu_policy import HeadGradBuffer
 
     tr = make_trainer(tmp_path, name="buf", steps=3)
     assert isinstance(tr.head_grad, HeadGradBuffer) and tr.cfg.accum == 2
-    w = tr.model.head_weight()
+    w = tr.model.lm_head.weight
     seen = []
     orig_step = tr.optimizer.step
 

@@ -12,9 +12,10 @@ import torch
 from conftest import run_cli
 
 from gemmaforge import from_config
-from gemmaforge.checkpoint.hf import save_hf
-from gemmaforge.config import preset
-from gemmaforge.tokenizer import Tokenizer
+from gemmaforge.formats.hf import save_hf
+from gemmaforge.models.registry import preset
+from gemmaforge.data.tokenizer import Tokenizer
+from gemmaforge.formats.gguf import gguf_tokenizer
 from gemmaforge.train import read_metrics
 
 
@@ -25,7 +26,7 @@ def small_dir(real_gguf, tmp_path_factory):
     model = from_config(preset("gemma-3-tiny", vocab_size=262_144, hidden_size=32, intermediate_size=64,
                                head_dim=16, num_attention_heads=2, num_key_value_heads=1))
     d = tmp_path_factory.mktemp("small") / "model"
-    save_hf(model, d, tokenizer=Tokenizer.from_gguf(real_gguf))
+    save_hf(model, d, tokenizer=gguf_tokenizer(real_gguf))
     return d
 
 

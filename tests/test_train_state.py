@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from gemmaforge import from_config
-from gemmaforge.checkpoint.train_state import (
+from gemmaforge.train.checkpointer import (
     latest_checkpoint,
     list_checkpoints,
     load_train_state,
     save_train_state,
 )
-from gemmaforge.config import preset
+from gemmaforge.models.registry import preset
 from gemmaforge.errors import CheckpointError
 
 
@@ -180,7 +180,7 @@ def test_leftover_temp_dir_and_missing_dir(tmp_path):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, sys, torch
-    from gemmaforge.checkpoint import train_state
+    from gemmaforge.train import checkpointer as train_state
     run_dir = sys.argv[1]
     m = torch.nn.Linear(4, 4)
     train_state.save_train_state(run_dir, 1, model=m, keep_last=1)

@@ -1,4 +1,5 @@
-"""The Python entry points users call: load a model, a tokenizer."""
+"""The Python entry points users call: load a model, a tokenizer; the one place that joins the model
+registry and the checkpoint formats."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import os
 
 import torch
 
-from .checkpoint.convert import load_any
-from .checkpoint.resolve import resolve
-from .config import preset
+from . import cpu_policy
 from .errors import CheckpointError
-from .models import build_model
+from .formats.convert import load_any
+from .formats.convert import load_tokenizer as _load_tokenizer
+from .formats.resolve import resolve
+from .models.registry import build_model, preset
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -24,9 +26,11 @@ def _dtype(dtype) -> torch.dtype:
 
 
 def from_pretrained(path_or_preset: str | os.PathLike | None = None, dtype=torch.float32, device="cpu"):
-    """Load a model from an HF dir, a .gguf file, or a preset name (``gemma-3-270m`` = embedded default)."""
+    """Load a model from an HF dir, a .gguf file, or a preset name (``gemma-3-270m`` = embedded default).
+
+    On CPU the model gets the CPU policy's blocked-logits head (``cpu_policy.for_inference``)."""
     model, _ = load_any(resolve(path_or_preset), dtype=_dtype(dtype), device=device, with_tokenizer=False)
-    return model
+    return cpu_policy.for_inference(model)
 
 
 def from_config(cfg_or_preset, dtype=torch.float32, device="cpu", seed: int | None = None):
@@ -39,15 +43,4 @@ def from_config(cfg_or_preset, dtype=torch.float32, device="cpu", seed: int | No
 
 def load_tokenizer(path_or_preset: str | os.PathLike | None = None):
     """Tokenizer of an HF dir (tokenizer.json), a .gguf file, or a preset name."""
-    p = resolve(path_or_preset)
-    from .tokenizer import Tokenizer
-
-    if p.is_file() and p.suffix == ".gguf":
-        import json
-
-        from .checkpoint.gguf import load_gguf_tokenizer
-
-        return Tokenizer.from_json(json.dumps(load_gguf_tokenizer(p)))
-    if not (p / "tokenizer.json").exists():
-        raise CheckpointError(f"{p}: no tokenizer.json")
-    return Tokenizer.from_file(p)
+    return _load_tokenizer(resolve(path_or_preset))

@@ -1,4 +1,4 @@
-"""Multi-process workers for tests/test_distributed.py (spawned by gemmaforge.distributed.launch).
+"""Multi-process workers for tests/test_distributed.py (spawned by gemmaforge.parallel.process.launch).
 
 Every worker trains the tiny Gemma 3 for a few AdamW steps on fixed packed rows with the trainer's
 loss (chunked cross-entropy summed over valid tokens / the step's global valid-token count) and
@@ -52,7 +52,7 @@ def initial_state(seed: int = 0, **over):
 
 def _param_groups(model, weight_decay):
     """train.param_groups' rule (no decay on norms, biases, embeddings), on full-model names."""
-    from gemmaforge.transforms.parallel import canonical_name
+    from gemmaforge.parallel.init import canonical_name
 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -67,12 +67,12 @@ def _optimizer(model):
 
 
 def _loss_sum(model, batch, cp=None):
-    from gemmaforge.loss import chunked_cross_entropy
+    from gemmaforge.ops.head_loss import chunked_cross_entropy
 
     if cp is not None:
         return cp.loss_sum(model, batch, chunk_size=16)
     hidden = model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], return_hidden=True)
-    return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.head_weight(),
+    return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight,
                                  batch["labels"].reshape(-1), chunk_size=16, reduction="sum")
 
 
@@ -106,7 +106,9 @@ def train_single(steps: int = STEPS, seed: int = 0, rows=None, attn_backend: str
 def build_parallel(layout: dict, seed: int = 0, init: str = "load", ac: bool = False, attn_backend=None,
                    config_over: dict | None = None, pcfg: dict | None = None):
     """Meta-build the tiny model, parallelize with ``layout`` (ParallelDims kwargs), materialise it."""
-    from gemmaforge.transforms.parallel import ParallelConfig, ParallelDims, build_meta_model, materialize, parallelize
+    from gemmaforge.parallel.dims import ParallelConfig, ParallelDims
+    from gemmaforge.parallel.init import build_meta_model, materialize
+    from gemmaforge.parallel.parallelize import parallelize
 
     dims = ParallelDims(**layout)
     mesh = dims.build_mesh("cpu")
@@ -127,14 +129,17 @@ def train_parallel(rank: int, world: int, layout: dict, steps: int = STEPS, seed
                    resume_dir: str | None = None, start_step: int = 0, attn_backend=None, with_grads: bool = False):
     """One rank of a parallel run; rank 0 returns (losses, final full state dict[, first-step grads])."""
     from gemmaforge.data import collate_rows
-    from gemmaforge.distributed import all_reduce_sum, shard_items
-    from gemmaforge.transforms.parallel import ContextParallel, clip_grad_norm_, full_state_dict, parallel_state
+    from gemmaforge.parallel.process import all_reduce_sum, shard_items
+    from gemmaforge.parallel.cp import ContextParallel
+    from gemmaforge.parallel.dims import parallel_state
+    from gemmaforge.parallel.grads import clip_grad_norm_
+    from gemmaforge.parallel.state import full_state_dict
 
     model, mesh = build_parallel(layout, seed, init, ac, attn_backend)
     st = parallel_state(model)
     opt = _optimizer(model)
     if resume_dir is not None:
-        from gemmaforge.checkpoint.dcp import load_distributed
+        from gemmaforge.train.checkpointer import load_distributed
 
         load_distributed(resume_dir, model, opt)
     cp = ContextParallel(mesh["cp"]) if st.dims.cp > 1 else None
@@ -158,11 +163,11 @@ def train_parallel(rank: int, world: int, layout: dict, steps: int = STEPS, seed
         opt.zero_grad(set_to_none=True)
         losses.append(total)
     if ckpt_dir is not None:
-        from gemmaforge.checkpoint.dcp import save_distributed
+        from gemmaforge.train.checkpointer import save_distributed
 
         save_distributed(ckpt_dir, model, opt, extra={"step": start_step + steps})
     if export_dir is not None:
-        from gemmaforge.transforms.parallel import export_hf
+        from gemmaforge.parallel.state import export_hf
 
         export_hf(model, export_dir)
     sd = full_state_dict(model)
@@ -177,7 +182,7 @@ def _full(t):
 
 def materialized_states(rank: int, world: int, layouts: list, seed: int = 3):
     """Random init after sharding (``materialize(seed=...)``) at several layouts: full state dicts on rank 0."""
-    from gemmaforge.transforms.parallel import full_state_dict
+    from gemmaforge.parallel.state import full_state_dict
 
     out = []
     for layout in layouts:
@@ -189,7 +194,9 @@ def materialized_states(rank: int, world: int, layouts: list, seed: int = 3):
 def layout_error(rank: int, world: int, layout: dict):
     """Build a mesh for a wrong layout; returns the error line (every rank must fail the same way)."""
     from gemmaforge.errors import ConfigError
-    from gemmaforge.transforms.parallel import ParallelDims, build_meta_model, parallelize
+    from gemmaforge.parallel.dims import ParallelDims
+    from gemmaforge.parallel.init import build_meta_model
+    from gemmaforge.parallel.parallelize import parallelize
 
     try:
         model = build_meta_model(tiny_config())
@@ -217,8 +224,9 @@ def grads_single(seed: int = 0, rows=None):
 
 def grads_parallel(rank: int, world: int, layout: dict, seed: int = 0):
     from gemmaforge.data import collate_rows
-    from gemmaforge.distributed import all_reduce_sum, shard_items
-    from gemmaforge.transforms.parallel import ContextParallel, parallel_state
+    from gemmaforge.parallel.process import all_reduce_sum, shard_items
+    from gemmaforge.parallel.cp import ContextParallel
+    from gemmaforge.parallel.dims import parallel_state
 
     model, mesh = build_parallel(layout, seed)
     st = parallel_state(model)
@@ -236,7 +244,7 @@ def grads_parallel(rank: int, world: int, layout: dict, seed: int = 0):
 def resume_single(ckpt_dir: str, steps: int, start_step: int, seed: int = 0):
     """Resume a distributed checkpoint in ONE plain process (no process group) and train on."""
     import gemmaforge
-    from gemmaforge.checkpoint.dcp import load_distributed
+    from gemmaforge.train.checkpointer import load_distributed
     from gemmaforge.data import collate_rows
 
     model = gemmaforge.from_config(tiny_config(), seed=seed + 123).train()  # different weights: must be overwritten
@@ -263,10 +271,13 @@ def resume_single(ckpt_dir: str, steps: int, start_step: int, seed: int = 0):
 def train_pipeline(rank: int, world: int, layout: dict, schedule: str = "1F1B", steps: int = STEPS, seed: int = 0):
     """One rank of a pipeline-parallel run; rank 0 returns (losses, merged full state dict)."""
     from gemmaforge.data import collate_rows
-    from gemmaforge.distributed import all_reduce_sum, shard_items
-    from gemmaforge.transforms.parallel import (ParallelConfig, ParallelDims, Pipeline, build_meta_model,
-                                                 clip_grad_norm_, full_state_dict, materialize, parallelize,
-                                                 row_segments)
+    from gemmaforge.parallel.process import all_reduce_sum, shard_items
+    from gemmaforge.parallel.dims import ParallelConfig, ParallelDims
+    from gemmaforge.parallel.grads import clip_grad_norm_
+    from gemmaforge.parallel.init import build_meta_model, materialize
+    from gemmaforge.parallel.parallelize import parallelize
+    from gemmaforge.parallel.pp import Pipeline, row_segments
+    from gemmaforge.parallel.state import full_state_dict
 
     dims = ParallelDims(**layout)
     mesh = dims.build_mesh("cpu")
@@ -350,10 +361,10 @@ def run_trainers(rank: int, world: int, specs: list):
     ``(summary, metrics rows, logged lines)``; a run that raises a ConfigError (on every rank)
     returns ``("error", message)``.
     """
-    from gemmaforge.distributed import make_distributed_trainer
+    from gemmaforge.parallel.process import make_distributed_trainer
     from gemmaforge.errors import ConfigError
     from gemmaforge.train import TrainConfig, read_metrics
-    from gemmaforge.transforms.parallel import ParallelConfig, ParallelDims
+    from gemmaforge.parallel.dims import ParallelConfig, ParallelDims
 
     results = []
     for spec in specs:
@@ -396,7 +407,7 @@ def score_rows(model, which):
 
     Returns ``([(logprobs, entropy, valid) per row], {name: full gradient})``.
     """
-    from gemmaforge.score import score
+    from gemmaforge.rl.score import score
 
     inputs = score_inputs()
     kw = dict(temperature=SCORE_TEMPERATURE, return_entropy=True, chunk_size=7)
@@ -425,8 +436,9 @@ def score_and_mixed_precision(rank: int, world: int):
       the largest weight change of the optimizer step.
     """
     from gemmaforge.data import collate_rows
-    from gemmaforge.distributed import all_reduce_sum, shard_items
-    from gemmaforge.transforms.parallel import clip_grad_norm_, parallel_state
+    from gemmaforge.parallel.process import all_reduce_sum, shard_items
+    from gemmaforge.parallel.dims import parallel_state
+    from gemmaforge.parallel.grads import clip_grad_norm_
 
     out = {}
     # FSDP: data parallel, rank r scores row r (FSDP sums the gradients); TP: every rank scores both rows

@@ -32,7 +32,7 @@ import random
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence, Union
 
-from gemmaforge.errors import DataError
+from ..errors import DataError
 
 from .packing import Document
 

@@ -10,6 +10,8 @@ import torch
 
 
 class KVCache:
+    stateful = True  # keeps what each call adds: a layer must not run twice for one call (checkpointing)
+
     def __init__(self, windows: list[int | None], max_len: int):
         self.windows = windows
         self.max_len = max_len

@@ -9,50 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
-class _ScaledRMSNorm(torch.autograd.Function):
-    """``(rms(x) * (offset + w)).to(x.dtype)`` in fp32 with a hand-written backward.
-
-    The forward is the same op sequence as the plain path (bit-identical output). Autograd over the
-    plain path keeps ~4 fp32 copies of ``x`` per norm for backward (the fp32 cast, ``x * r``, the
-    square, the scaled output); this keeps ``x`` and the per-row ``1/rms`` only and recomputes the
-    rest: 6 norms per Gemma 3 layer make that ~35% of a training step's saved activations.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, eps: float, offset: float):
-        r = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-        y = (x.float() * r * (offset + weight.float())).to(x.dtype)
-        ctx.save_for_backward(x, weight, r)
-        ctx.offset = offset
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        x, weight, r = ctx.saved_tensors
-        n = x.float() * r
-        g = gy.float()
-        gx = gw = None
-        if ctx.needs_input_grad[1]:
-            gw = (g * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
-        if ctx.needs_input_grad[0]:
-            gn = g * (ctx.offset + weight.float())
-            gx = (r * (gn - n * (gn * n).mean(-1, keepdim=True))).to(x.dtype)
-        return gx, gw, None, None
-
-
-def scaled_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
-    """``rms(x) * (offset + w)`` cast back to ``x.dtype``; the memory-lean autograd path when training
-    eagerly (under ``torch.compile`` the plain ops go to inductor, which fuses and recomputes itself)."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and not torch.compiler.is_compiling():
-        return _ScaledRMSNorm.apply(x, weight, eps, offset)
-    return (_rms(x, eps) * (offset + weight.float())).type_as(x)
+from ..ops.rms_norm import rms, scaled_rms_norm
 
 
 class GemmaRMSNorm(nn.Module):
@@ -88,7 +45,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _rms(x, self.eps)
+        y = rms(x, self.eps)
         if self.weight is None:
             return y.type_as(x)
         if self.cast_before_scale:

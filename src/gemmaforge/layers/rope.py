@@ -7,9 +7,47 @@ from the positions and shared by all layers of a type.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-from ..config import RopeSpec
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary table of one layer type.
+
+    ``rope_type``: "default", "linear" (positions divided by ``factor``, i.e. inv_freq / factor)
+    or "proportional" (Gemma 4 full layers: only the first ``partial_rotary_factor`` of the
+    frequencies rotate, with exponents over the full head_dim).
+    """
+
+    theta: float = 10_000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    partial_rotary_factor: float = 1.0
+
+    def to_hf(self) -> dict:
+        d: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
+        if self.rope_type == "linear":
+            d["factor"] = self.factor
+        if self.partial_rotary_factor != 1.0:
+            d["partial_rotary_factor"] = self.partial_rotary_factor
+        return d
+
+    @classmethod
+    def from_hf(cls, d: dict, default_theta: float, where: str) -> "RopeSpec":
+        rope_type = d.get("rope_type", d.get("type", "default"))
+        if rope_type not in ("default", "linear", "proportional"):
+            raise ConfigError(f"{where}: unsupported rope_type {rope_type!r} (supported: default, linear, proportional)")
+        return cls(
+            theta=float(d.get("rope_theta", default_theta)),
+            rope_type=rope_type,
+            factor=float(d.get("factor", 1.0)),
+            partial_rotary_factor=float(d.get("partial_rotary_factor", 1.0)),
+        )
 
 
 def inv_freq(spec: RopeSpec, head_dim: int, device=None) -> torch.Tensor:

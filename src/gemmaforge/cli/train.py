@@ -1,0 +1,122 @@
+"""``gemmaforge train``: continued pretraining / fine-tuning, in one process or under torchrun with a
+parallel layout (``--dp-shard/--tp/--cp/--pp/--ep``); the same ``Trainer`` either way."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .common import add_model_args
+
+_TRAIN_FLAGS = [
+    # (flag, type, help)
+    ("--data", "list", "training data: .txt files, directories of them, or .jsonl (text / prompt+completion / messages)"),
+    ("--out", str, "run directory (default runs/<timestamp>)"),
+    ("--steps", int, "optimizer steps"),
+    ("--lr", float, "peak learning rate"),
+    ("--min-lr-ratio", float, "final lr as a fraction of the peak"),
+    ("--warmup-steps", int, "linear warm-up steps"),
+    ("--schedule", str, "cosine | linear | constant"),
+    ("--weight-decay", float, "AdamW weight decay (not on norms/biases/embeddings)"),
+    ("--clip", float, "gradient clipping max norm (0 = off)"),
+    ("--batch-tokens", int, "tokens per optimizer step (gradient accumulation over rows)"),
+    ("--seq-len", int, "packed row length"),
+    ("--micro-batch-rows", int,
+     "rows per forward/backward (default 2); batch-tokens / (seq-len * this) micro-batches accumulate"),
+    ("--seed", int, "random seed (data order, init)"),
+    ("--val-fraction", float, "fraction of documents held out for validation"),
+    ("--eval-every", int, "evaluate every N steps"),
+    ("--eval-rows", int, "validation rows evaluated"),
+    ("--save-every", int, "checkpoint every N steps"),
+    ("--keep-last", int, "checkpoints kept"),
+    ("--max-bad-steps", int, "stop after N consecutive non-finite steps"),
+    ("--resume", str, "run dir or checkpoint dir to continue from"),
+    ("--loss-chunk-size", int, "rows per chunk of the linear+cross-entropy"),
+    ("--lora-rank", int, "train LoRA adapters of this rank instead of all weights"),
+    ("--lora-alpha", float, "LoRA alpha (default: rank)"),
+    ("--lora-dropout", float, "LoRA dropout"),
+    ("--lora-targets", "list", "module names or regexes (default: the seven projections)"),
+]
+
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train", help="continued pretraining / fine-tuning (default: the embedded 270M on "
+                                     "CPython's language reference)")
+    add_model_args(t)
+    t.set_defaults(dtype="float32")
+    t.add_argument("--config", default=None, help="recipe.toml whose keys mirror these flags (flags override)")
+    for flag, typ, help_ in _TRAIN_FLAGS:
+        if typ == "list":
+            t.add_argument(flag, nargs="+", default=None, help=help_)
+        else:
+            t.add_argument(flag, type=typ, default=None, help=help_)
+    t.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--dp-shard", type=int, default=-1, help="FSDP2 shards (-1: world / (cp*tp*pp))")
+    t.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    t.add_argument("--cp", type=int, default=1, help="context-parallel ranks (shard each row)")
+    t.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (MoE models; borrowed from --dp-shard, "
+                   "which it must divide; experts are split over them)")
+    t.add_argument("--pp", type=int, default=1, help="pipeline stages (decoder layers split evenly; "
+                                                     "each row of a step is one micro-batch)")
+    t.add_argument("--pp-schedule", default="1f1b", type=str.lower, choices=["gpipe", "1f1b"],
+                   help="pipeline schedule (1f1b needs at least --pp rows per step per pipeline)")
+    t.add_argument("--compile", action="store_true", help="torch.compile each block")
+    t.set_defaults(func=cmd_train)
+
+
+def _values(a) -> dict:
+    from ..train.config import load_recipe
+
+    values = load_recipe(a.config) if a.config else {}
+    for flag, _, _ in _TRAIN_FLAGS:
+        key = flag[2:].replace("-", "_")
+        v = getattr(a, key)
+        if v is not None:
+            values[key] = v
+    for key in ("model", "device", "attn_backend"):
+        if getattr(a, key) is not None:
+            values[key] = getattr(a, key)
+    if a.dtype != "float32":
+        values["dtype"] = a.dtype
+    if a.activation_checkpointing:
+        values["activation_checkpointing"] = True
+    if a.no_progress:
+        values["progress"] = False
+    if isinstance(values.get("data"), str):
+        values["data"] = [values["data"]]
+    return values
+
+
+def cmd_train(a) -> int:
+    """A wrong layout is the same error on every rank: rank 0 alone prints its one line (every rank
+    exits with code 2)."""
+    from ..parallel.dims import LayoutError, ParallelConfig, ParallelDims, pipeline_schedule_name
+    from ..parallel.process import is_rank0
+    from ..train.config import TrainConfig
+    from ..train.trainer import Trainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        dims = ParallelDims(a.dp_shard, a.cp, a.tp, a.pp, a.ep)
+        if world == 1:
+            n = (max(dims.dp_shard, 1) if dims.dp_shard != -1 else max(dims.ep, 1)) * dims.cp * dims.tp * dims.pp
+            dims.validate(n)  # bad values first
+            if n > 1:  # a layout that needs torchrun: one clear line
+                raise LayoutError(f"parallel layout {dims.resolved(n).describe()} needs {n} processes: run it "
+                                  f"under torchrun --nproc-per-node {n} -m gemmaforge train ...")
+            dims = None
+        else:
+            dims.validate(world)  # the world size alone: fails before the process group or the model
+        values = _values(a)
+        pcfg = ParallelConfig(activation_checkpointing=bool(values.get("activation_checkpointing")),
+                              compile=a.compile, pp_schedule=pipeline_schedule_name(a.pp_schedule))
+        summary = Trainer(TrainConfig(**values), dims=dims, parallel=pcfg).run()
+    except LayoutError:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 2
+        raise
+    if is_rank0():
+        print(json.dumps(summary))
+    return int(summary.get("exit_code", 0))

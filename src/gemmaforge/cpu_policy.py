@@ -1,0 +1,393 @@
+"""The CPU policy: what makes training and decoding fast and lean on a CPU, in one place.
+
+Applied by the trainer (``for_training``) and the generator / loader (``for_inference``,
+``use_decode_layout``) on CPU only; the model, the loss and the training step read as if it did not
+exist. Every piece swaps or re-strides a module from outside (same parameters, same names), or hooks
+a decoder layer:
+
+* ``CPUHead`` (the LM head): the logits of 2..512 tokens in 1024-row vocabulary blocks (MKL's one
+  ``h @ W.T`` over a 262k-row table was 1.2-1.9x slower for those shapes, identical results);
+  while training, the loss forms its logits and the head's ``[V, H]`` gradient in one buffer kept
+  from step to step (a frozen head: one kept ``[chunk, V]`` logits workspace), so the 671 MB
+  gradient of Gemma 3 270M is not allocated and page-faulted in anew every step
+  (``HeadGradBuffer``); and the allocator hands the forward's freed memory back to the OS just
+  before the loss (``ReturnFreedMemory``).
+* ``LeanTiedEmbedding`` (a tied token embedding that trains): its lookup's gradient is added in place
+  into the weight's gradient (the head's) instead of autograd summing a second dense ``[V, H]``
+  gradient out of place.
+* ``ReturnFreedMemory``: glibc ``malloc_trim`` at a few points of the step (after a block's forward,
+  at a block's backward when the heap grew), so freed activations do not set the resident peak.
+* ``use_decode_layout``: weights stored column-major for matrix-vector decoding.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers.embedding import ScaledEmbedding
+from .layers.head import LMHead
+from .models.common.decoder import decoder_layers
+from .ops.head_loss import chunked_cross_entropy
+
+
+def _plain(weight: torch.Tensor) -> bool:
+    """A plain tensor (not a distributed DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return not isinstance(weight, DTensor) and not isinstance(getattr(weight, "data", None), DTensor)
+
+
+# ----------------------------------------------------------------------------------- memory
+
+class ReturnFreedMemory:
+    """Hand freed heap memory back to the OS at a few points of a CPU training step (glibc only).
+
+    glibc recycles freed activations from a heap that never shrinks on its own: the resident size
+    of a 270M fine-tune sat ~0.6 GiB above what was live (holes left by temporaries, gradients
+    landing above freed activations). ``malloc_trim(0)`` releases every free page of the heap.
+    The Trainer calls it after the forward (before the LM-head loss, the step's memory peak).
+    Through ``attach``, the backward checks the resident size as it reaches each decoder block
+    and trims only when it has grown more than ``slack`` bytes above its size at the first block
+    (just after the loss): a trim's pages come back as page faults when the heap reuses them, so
+    trimming at every block cost ~0.3 M faults and ~1 s of system CPU per 270M step, while the
+    peak needs only a few trims. A later forward trims after a block that takes the size above
+    that mark (the forward's freed temporaries must not set the peak while ``HeadGradBuffer`` keeps
+    the head's gradient memory). Cheaper than a small fixed mmap threshold, which maps, faults and
+    unmaps every buffer above it on every allocation. ``SLACK`` is 128 MiB: on the 270M at 512
+    tokens, 64 MiB cost ~60 k more page faults per step and 256 MiB raised the peak to 4.62 GiB
+    (128 MiB: 4.50 GiB). ``create()`` returns None where there is no glibc.
+    """
+
+    SLACK = 128 << 20
+
+    def __init__(self, trim, slack: int = SLACK, rss=None):
+        self._trim = trim
+        self.slack = int(slack)
+        self._rss = rss if rss is not None else _resident_bytes
+        self._mark: Optional[int] = None
+        self._ceiling: Optional[int] = None
+
+    @classmethod
+    def create(cls, slack: Optional[int] = None) -> "ReturnFreedMemory | None":
+        if not sys.platform.startswith("linux"):
+            return None
+        import ctypes
+
+        try:
+            fn = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            return None
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+        return cls(fn, cls.SLACK if slack is None else slack)
+
+    @classmethod
+    def for_model(cls, model, slack: Optional[int] = None) -> "ReturnFreedMemory | None":
+        """``create()`` where the model trains at least a quarter of its weights; None for adapters
+        (LoRA). The gradients, allocated during the backward above the freed activations, are what
+        grows the heap: LoRA r16 on the 270M peaked at 2.18 GiB untrimmed vs 2.10 GiB trimmed, while
+        the trims cost it ~170 k page faults per step (full fine-tune: 4.82 vs 4.50 GiB)."""
+        params = list(model.parameters())
+        total = sum(p.numel() for p in params)
+        trained = sum(p.numel() for p in params if p.requires_grad)
+        return cls.create(slack) if total and 4 * trained >= total else None
+
+    def __call__(self) -> None:
+        self._trim(0)
+
+    def during_backward(self) -> None:
+        """At a block's backward: the first sets the mark, later ones trim above mark + slack."""
+        rss = self._rss()
+        if self._mark is None:
+            self._mark = self._ceiling = rss
+        elif rss > self._mark + self.slack:
+            self._trim(0)
+
+    def during_forward(self) -> None:
+        """After a block's forward: trim when the size is above the last backward's mark (the size
+        just after the loss, which the step reaches anyway), so the forward's freed temporaries
+        never set the peak."""
+        if self._ceiling is not None and self._rss() > self._ceiling:
+            self._trim(0)
+
+    def attach(self, model) -> list:
+        """Check (and maybe trim) when the gradient reaches each decoder block's output; returns the
+        hook handles. Each forward through the first block starts a new mark."""
+        layers = decoder_layers(model)
+
+        def on_grad(_grad):
+            self.during_backward()
+
+        def after_forward(first, _module, _args, out):
+            if torch.compiler.is_compiling():  # a compiled block (``--compile``): no tensor hooks in the graph
+                return
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            t = next((o for o in outs if isinstance(o, torch.Tensor)), None)
+            if t is not None and t.requires_grad and torch.is_grad_enabled():
+                if first:
+                    self._mark = None
+                t.register_hook(on_grad)
+                self.during_forward()
+
+        return [layer.register_forward_hook(functools.partial(after_forward, i == 0))
+                for i, (_, layer) in enumerate(layers)]
+
+
+def _resident_bytes() -> int:
+    """This process's resident set size (Linux ``/proc/self/statm``; ~10 us)."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class HeadGradBuffer:
+    """One ``[V, H]`` buffer that the LM-head loss writes its logits and weight gradient into, step
+    after step (CPU); for a frozen head (LoRA) one ``[chunk, V]`` logits workspace instead.
+
+    A fresh 671 MB gradient for Gemma 3 270M's head each step costs ~164 k first-touch page faults
+    (the allocator maps it anew and unmaps it at ``zero_grad``). With this buffer the head's
+    gradient (``weight.grad``) is a tensor over the same memory; ``zero_grad(set_to_none=True)``
+    drops that tensor, the memory stays for the next step. ``get`` hands the buffer out only while
+    ``weight.grad`` is None (the first micro-batch of a step; later ones accumulate into it), for an
+    fp32, trainable, non-distributed weight; else None (a fresh gradient, as without it). It adds
+    nothing to the step's peak: the gradient exists from the loss to the optimizer step anyway, and
+    ``ReturnFreedMemory`` keeps the forward below the loss's size.
+    """
+
+    def __init__(self):
+        self.buf: Optional[torch.Tensor] = None
+        self.ws: Optional[torch.Tensor] = None
+
+    def get(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        if weight.grad is not None or not weight.requires_grad or weight.dtype != torch.float32 or not _local(weight):
+            return None
+        self.buf = _kept(self.buf, tuple(weight.shape), weight.device)
+        return self.buf
+
+    def logits(self, weight: torch.Tensor, chunk: int) -> Optional[torch.Tensor]:
+        """The ``chunk * V`` fp32 logits workspace of a frozen head's loss while training (LoRA: a
+        fresh 268 MB workspace per step was ~65 k page faults on Gemma 3 270M); None for a trained
+        head (its logits live in ``get``'s buffer) or without gradients."""
+        if weight.requires_grad or not _local(weight):
+            return None
+        self.ws = _kept(self.ws, (chunk * weight.shape[0],), weight.device)
+        return self.ws
+
+    def loss_buffers(self, weight: torch.Tensor, chunk: int) -> dict:
+        """``chunked_cross_entropy``'s ``weight_grad_buffer`` and ``logits_buffer`` for this micro-batch."""
+        return {"weight_grad_buffer": self.get(weight), "logits_buffer": self.logits(weight, chunk)}
+
+
+def _local(weight: torch.Tensor) -> bool:
+    """Training (gradients on) a plain, not distributed, weight."""
+    return torch.is_grad_enabled() and _plain(weight)
+
+
+def _kept(buf: Optional[torch.Tensor], shape: tuple, device: torch.device) -> torch.Tensor:
+    """``buf`` when it already has this shape and device, else a new fp32 one."""
+    if buf is None or tuple(buf.shape) != shape or buf.device != device:
+        buf = torch.empty(shape, dtype=torch.float32, device=device)
+    return buf
+
+
+
+# ----------------------------------------------------------------------------------- head
+
+HEAD_VOCAB_BLOCK = 1024  # fp32 logits in blocks of this many vocabulary rows ...
+HEAD_BLOCKED_ROWS = (2, 512)  # ... for this many tokens (a single token's product is a GEMV: MKL's is faster)
+
+
+class _BlockedHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight):
+        ctx.save_for_backward(h, weight)
+        v = weight.shape[0]
+        out = h.new_empty(h.shape[0], v)
+        for s in range(0, v, HEAD_VOCAB_BLOCK):
+            e = min(s + HEAD_VOCAB_BLOCK, v)
+            torch.mm(h, weight[s:e].t(), out=out[:, s:e])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        gh = grad @ weight if ctx.needs_input_grad[0] else None
+        gw = grad.t() @ h if ctx.needs_input_grad[1] else None
+        return gh, gw
+
+
+def head_product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``hidden @ weight.T`` (``weight [V, H]``): in vocabulary blocks on CPU for 2..512 fp32 tokens
+    (bench/RESULTS.md: 13 tokens at 2 threads 214 -> 133 ms), with ``F.linear``'s backward;
+    ``F.linear`` elsewhere (one token, other dtypes and devices, under compile)."""
+    rows = hidden.numel() // max(hidden.shape[-1], 1)
+    lo, hi = HEAD_BLOCKED_ROWS
+    if not (hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32 and lo <= rows <= hi
+            and not torch.compiler.is_compiling()):
+        return F.linear(hidden, weight)
+    z = _BlockedHead.apply(hidden.reshape(rows, hidden.shape[-1]), weight)
+    return z.view(*hidden.shape[:-1], weight.shape[0])
+
+
+class CPUHead(LMHead):
+    """The LM head on CPU: blocked logits, and a training loss over kept buffers (see the module doc).
+
+    ``trim``: a ``ReturnFreedMemory`` called before a training loss (the step's memory peak), or None."""
+
+    buffers: Optional[HeadGradBuffer] = None
+    trim = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        z = head_product(hidden, self.matrix())
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def cross_entropy(self, hidden: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 1024,
+                      reduction: str = "sum") -> torch.Tensor:
+        if reduction == "none" or not torch.is_grad_enabled() or self.buffers is None:
+            return super().cross_entropy(hidden, labels, chunk_size=chunk_size, reduction=reduction)
+        if self.trim is not None:
+            self.trim()  # the forward's temporaries go back before the loss's [V, H] gradient arrives
+        w = self.matrix()
+        return chunked_cross_entropy(hidden, w, labels, softcap=self.softcap, chunk_size=chunk_size,
+                                     reduction=reduction, **self.buffers.loss_buffers(w, chunk_size))
+
+
+# ----------------------------------------------------------------------------------- embedding
+
+class _TiedLookup(torch.autograd.Function):
+    """``embedding(ids) * factor`` whose backward adds the rows' gradient into ``weight.grad`` in place.
+
+    The weight enters detached (no autograd edge): its only edge is the head's, whose gradient
+    autograd accumulates first (the loss is the first node of the backward), so the lookup's rows are
+    added into that gradient rather than summed with it out of place. ``anchor`` (an empty tensor
+    requiring grad) makes the output part of the graph; it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, anchor, module):
+        ctx.save_for_backward(ids)
+        ctx.module = module
+        return F.embedding(ids, weight, module.padding_idx) * module.factor()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (ids,) = ctx.saved_tensors
+        m = ctx.module
+        w = m.weight
+        rows = ids.reshape(-1)
+        gr = g.reshape(-1, w.shape[1]).to(w.dtype) * m.factor()
+        if m.padding_idx is not None:
+            gr[rows == m.padding_idx] = 0
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        w.grad.index_add_(0, rows, gr)
+        return None, None, None, None
+
+
+class LeanTiedEmbedding(ScaledEmbedding):
+    """A trained token embedding tied to the LM head, whose gradient is added in place (``_TiedLookup``)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return super().forward(ids)
+        anchor = torch.empty(0, device=self.weight.device, requires_grad=True)
+        return _TiedLookup.apply(ids, self.weight.detach(), anchor, self)
+
+
+def _embedding_as(cls: type, emb: ScaledEmbedding) -> ScaledEmbedding:
+    """A ``cls`` embedding over ``emb``'s weight (the same parameter and settings)."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.num_embeddings, new.embedding_dim, new.padding_idx = emb.num_embeddings, emb.embedding_dim, emb.padding_idx
+    new.max_norm, new.norm_type, new.scale_grad_by_freq, new.sparse = None, 2.0, False, False
+    new.scale = emb.scale
+    new.weight = emb.weight
+    return new
+
+
+# ----------------------------------------------------------------------------------- decoding
+
+def use_decode_layout(model: torch.nn.Module) -> int:
+    """Store every 2-D weight read by ``F.linear`` column-major (``[out, in]`` shape, ``[in, out]`` memory).
+
+    Decoding one token is a matrix-vector product per weight, bound by streaming the weights. On
+    CPU, MKL streams an ``x @ W_t`` product with ``W_t`` contiguous ~1.7x faster than ``F.linear``
+    over a row-major ``W`` (the 262k x 640 tied head of Gemma 3 270M: 44 ms against 78 ms here,
+    see bench/RESULTS.md). Values, shapes, parameter identity and ties are unchanged (the tied
+    embedding gathers rows from the same strided storage); only the strides change, so training
+    and saving still work. Idempotent; a no-op off CPU (cuBLAS reads either layout at full speed)
+    and for sharded (DTensor) parameters. Returns how many parameters were re-strided.
+    """
+    from torch.distributed.tensor import DTensor
+
+    done = 0
+    seen: set[int] = set()
+    with torch.inference_mode(False), torch.no_grad():
+        for mod in model.modules():
+            if not isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+                continue
+            p = mod.weight
+            if p is None or id(p) in seen or p.dim() != 2 or isinstance(p.data, DTensor) \
+                    or p.device.type != "cpu" or p.stride() == (1, p.shape[0]):
+                continue
+            seen.add(id(p))
+            p.data = p.data.t().contiguous().t()
+            done += 1
+    return done
+
+
+
+# ----------------------------------------------------------------------------------- apply
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """On CPU: the blocked-logits head (``CPUHead``). A no-op elsewhere and for distributed heads."""
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, LMHead) and not isinstance(head, CPUHead) and head.weight.device.type == "cpu" \
+            and _plain(head.weight):
+        model.lm_head = CPUHead.sharing(head)
+    return model
+
+
+class TrainingPolicy:
+    """What ``for_training`` applied to one model; ``remove()`` puts the plain modules back."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.trim = ReturnFreedMemory.for_model(model)
+        self._hooks = self.trim.attach(model) if self.trim is not None else []
+        head = model.lm_head
+        self.head = None
+        if isinstance(head, LMHead) and _plain(head.weight):
+            self.head = model.lm_head = CPUHead.sharing(head)
+            self.head.buffers, self.head.trim = HeadGradBuffer(), self.trim
+        emb = model.model.embed_tokens
+        self.embedding = None
+        if (type(emb) is ScaledEmbedding and head is not None and head.weight is emb.weight
+                and emb.weight.requires_grad and _plain(emb.weight)):
+            self.embedding = model.model.embed_tokens = _embedding_as(LeanTiedEmbedding, emb)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        if self.head is not None and self.model.lm_head is self.head:
+            self.model.lm_head = LMHead.sharing(self.head)
+        if self.embedding is not None and self.model.model.embed_tokens is self.embedding:
+            self.model.model.embed_tokens = _embedding_as(ScaledEmbedding, self.embedding)
+
+
+def for_training(model: nn.Module) -> TrainingPolicy | None:
+    """On CPU: the training policy (``CPUHead`` with kept buffers, ``LeanTiedEmbedding``, trims);
+    None on other devices."""
+    if model.device.type != "cpu":
+        return None
+    return TrainingPolicy(model)

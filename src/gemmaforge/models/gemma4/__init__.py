@@ -1,0 +1,1 @@
+"""Gemma 4 (text decoder: dense, per-layer embeddings, KV sharing, MoE): config and model."""

@@ -1,0 +1,1 @@
+"""Mistral: config and model."""

@@ -1,0 +1,83 @@
+"""Gradient norms and clipping for any mix of DTensor (TP, FSDP, EP, both) and plain gradients."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _replicated_factor(t: torch.Tensor) -> int:
+    """How many ranks hold a copy of each element of this DTensor's local shard (1 for plain tensors)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(t, DTensor):
+        return 1
+    f = 1
+    for i, pl in enumerate(t.placements):
+        if isinstance(pl, Replicate):
+            f *= t.device_mesh.size(i)
+    return f
+
+
+@torch.no_grad()
+def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0, group=None,
+              extra_owner_factor=None) -> torch.Tensor:
+    """The global gradient norm over DTensor/plain grads and ranks (a float64 0-d tensor, same on every rank).
+
+    Each element counts once: a DTensor's local shard contributes ``|g|^p / (number of ranks holding
+    the same elements)``, then one all-reduce sums over ``group`` (default: the world). Plain
+    tensors are assumed to be held by one rank only unless ``extra_owner_factor(p)`` says otherwise
+    (pipeline stages own disjoint plain parameters).
+    """
+    params = [p for p in params if p.grad is not None]
+    inf = math.isinf(norm_type)
+    acc = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        g = local(p.grad).detach()
+        if g.numel() == 0:
+            continue
+        if inf:
+            acc = torch.maximum(acc, g.abs().max().double().cpu())
+        else:
+            f = _replicated_factor(p.grad)
+            if extra_owner_factor is not None:
+                f *= extra_owner_factor(p)
+            acc = acc + g.double().norm(norm_type).pow(norm_type).cpu() / f
+    if dist.is_initialized():
+        dist.all_reduce(acc, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+    return acc if inf else acc.pow(1.0 / norm_type)
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0, group=None,
+                    extra_owner_factor=None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for any mix of DTensor (TP, FSDP, both) and plain grads."""
+    params = [p for p in params if p.grad is not None]
+    total = grad_norm(params, norm_type, group, extra_owner_factor)
+    coef = float(max_norm) / (float(total) + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            local(p.grad).mul_(coef)
+    return total.float()
+
+
+@torch.no_grad()
+def grads_finite(params: Iterable[torch.Tensor], group=None) -> bool:
+    """Every rank's gradients are finite (one all-reduce)."""
+    bad = torch.zeros(())
+    for p in params:
+        if p.grad is not None:
+            g = local(p.grad)
+            if g.numel() and not bool(torch.isfinite(g).all()):
+                bad = torch.ones(())
+                break
+    if dist.is_initialized():
+        dist.all_reduce(bad, group=group)
+    return float(bad) == 0.0

@@ -1,0 +1,1 @@
+"""Reinforcement-learning pieces: per-token log-probs of packed rollouts, policy losses, advantages."""

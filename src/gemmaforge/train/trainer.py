@@ -1,0 +1,468 @@
+"""The trainer: continued pretraining and fine-tuning that never lies about its loss, in one process or
+under any parallel layout (FSDP2, TP, CP, PP, EP and their combinations, launched by torchrun).
+
+The path of a token: documents -> packed rows with ``cu_seqlens`` -> this rank's share of the
+step's rows -> ``step.forward_backward`` (the model's hidden states -> the objective's summed loss,
+divided by the step's global count) -> one health check (the global gradient norm; a non-finite
+loss or gradient skips the step and names the module where it started, nothing is clamped) -> clip
+-> AdamW -> scheduler -> metrics, evaluation, atomic checkpoints (resumable at any other layout).
+
+Every rank draws the SAME global rows for a step from one ``RowStream`` (so the data position is
+layout-independent and resumable at any layout) and keeps its data-parallel share. Rank 0 alone
+logs, writes metrics, plots and the final HF export; checkpoints are written by every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import cpu_policy
+from ..adapters.lora import LoraConfig, apply_lora, merged_copy
+from ..data import Document, collate_rows, load_documents, pack_documents, packing_stats, train_val_split
+from ..errors import CheckpointError, ConfigError, DataError, GemmaforgeError
+from ..formats.convert import load_any, load_tokenizer
+from ..formats.hf import load_into, save_hf
+from ..formats.peft import save_adapter
+from ..formats.resolve import resolve
+from ..models.registry import build_model
+from ..parallel.checkpointing import apply_activation_checkpointing
+from ..parallel.compile import compile_blocks
+from ..parallel.dims import LayoutError, ParallelConfig, ParallelDims, pipeline_schedule_name
+from ..parallel.init import build_meta_model, materialize
+from ..parallel.parallelize import parallelize
+from ..parallel.pp import Pipeline
+from ..parallel.process import get_world_size, init_distributed, is_distributed, is_rank0, rank0_log, shard_items
+from ..parallel.state import full_state_dict
+from .checkpointer import latest_checkpoint, load_train_state, save_train_state
+from .config import TrainConfig
+from .data import RowStream, builtin_corpus
+from .health import clip_grads_, grad_norm_and_finite, locate_in_step
+from .metrics import plot_metrics
+from .objectives import CausalLMLoss
+from .optim import build_optimizer, lr_lambda
+from .step import StepLayout, forward_backward, micro_batch_loss
+
+
+class TrainingStopped(GemmaforgeError):
+    """Too many consecutive non-finite steps: the run stops with the diagnosis."""
+
+
+def _from_rank0(value):
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Trainer:
+    """Build with a ``TrainConfig`` (and optionally a ready model, tokenizer, documents), then ``run()``.
+
+    ``dims`` / ``parallel``: the parallel layout (``ParallelDims``) and what to apply
+    (``ParallelConfig``: activation checkpointing, compile, pipeline schedule, FSDP mixed precision);
+    without ``dims`` a process group started by torchrun gets ``ParallelDims()`` (FSDP over every
+    rank). ``objective``: what the step optimises (default: causal-LM cross-entropy). ``model``: a
+    ready model (single process) or, under a layout, the full model on rank 0 (other ranks pass
+    None); default: loaded from ``cfg.model``.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, model=None, tokenizer=None, train_docs=None, val_docs=None, log=None,
+                 dims: ParallelDims | None = None, parallel: ParallelConfig | None = None, objective=None):
+        cfg.validate()
+        self.cfg = cfg
+        init_distributed()
+        self.world = get_world_size()
+        self.log = rank0_log(log)
+        self.pcfg = parallel or ParallelConfig(activation_checkpointing=bool(cfg.activation_checkpointing))
+        self.dims = self._check_layout(dims)  # before any data or model is loaded: a wrong layout fails at start
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.autocast = torch.bfloat16 if self.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16", "bf16") \
+            else None
+        if self.autocast is not None:
+            # the fp32 parts of a bf16 run (the chunked LM-head loss) use TF32 tensor cores, not IEEE fp32
+            torch.backends.cuda.matmul.allow_tf32 = True
+        if not is_rank0():
+            cfg.progress = False
+        self.out = self._prepare_out()
+        self._set_seed(cfg.seed)
+        # tokenizer and data first: bad data fails in a second, before the model loads
+        self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
+        self.train_rows, self.val_rows = self._load_data(train_docs, val_docs)
+        self.pipe = None
+        self.model = self._build_model(model)
+        self.cpu = cpu_policy.for_training(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.objective = objective or CausalLMLoss(chunk_size=cfg.loss_chunk_size)
+        self.layout = StepLayout.of(self.model, self.pipe)
+        st = self.model.transforms.parallel
+        self.dp_rank = st.dp_rank if st is not None and st.mesh is not None else 0
+        self.stream = RowStream(self.train_rows, cfg.seed)
+        self.step = 0
+        self.bad_in_a_row = 0
+        self.metrics_path = self.out / "metrics.jsonl"
+        self._stop_signal: int | None = None
+        if cfg.resume:
+            self._resume(cfg.resume)
+
+    # ---- setup ----
+    def _check_layout(self, dims: ParallelDims | None) -> ParallelDims | None:
+        """World size, divisibility and pipeline constraints: one-line LayoutError on every rank."""
+        cfg = self.cfg
+        if self.world == 1:
+            if dims is not None and dims.resolved(1).world_size > 1:
+                raise LayoutError(f"parallel layout {dims.resolved(1).describe()} needs several processes: run it "
+                                  f"under torchrun")
+            return None
+        d = (dims or ParallelDims()).validate(self.world, seq_len=cfg.seq_len)
+        rows = cfg.accum * cfg.rows_per_micro_batch
+        if rows % d.dp_shard:
+            raise LayoutError(f"parallel layout: {rows} rows per step (--batch-tokens {cfg.batch_tokens} / "
+                              f"--seq-len {cfg.seq_len}) is not divisible by dp_shard={d.dp_shard}")
+        if d.pp > 1:
+            sched = pipeline_schedule_name(self.pcfg.pp_schedule)
+            n_mb = rows // d.dp_shard
+            if sched == "1F1B" and n_mb < d.pp:
+                raise LayoutError(
+                    f"parallel layout: the 1F1B schedule needs at least pp={d.pp} micro-batches per step, but "
+                    f"each pipeline gets {n_mb} row(s) (--batch-tokens {cfg.batch_tokens} / --seq-len "
+                    f"{cfg.seq_len} / dp_shard {d.dp_shard}); raise --batch-tokens or use --pp-schedule gpipe")
+        if cfg.lora_rank and d.tp > 1:
+            raise LayoutError(f"parallel layout: LoRA adapters are not sharded by tensor parallelism yet "
+                              f"(--lora-rank with --tp {d.tp}); use FSDP (--dp-shard) instead")
+        return d
+
+    def _prepare_out(self) -> Path:
+        """Rank 0 probes and creates the run dir; every rank learns its name (or the error)."""
+        res = None
+        if is_rank0():
+            try:
+                res = ("ok", str(self._make_out()))
+            except ConfigError as e:
+                res = ("error", str(e))
+        status, value = _from_rank0(res)
+        if status == "error":
+            raise ConfigError(value)
+        return Path(value)
+
+    def _make_out(self) -> Path:
+        cfg = self.cfg
+        if cfg.out is None and cfg.resume:
+            r = Path(cfg.resume)
+            cfg.out = str(r.parent.parent if r.parent.name == "checkpoints" else r)
+        out = Path(cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"--out {out}: not writable ({e.strerror or e})") from None
+        return out
+
+    def _set_seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _load_tokenizer(self):
+        return load_tokenizer(resolve(self.cfg.model))
+
+    def _load_data(self, train_docs, val_docs):
+        cfg = self.cfg
+        if train_docs is None:
+            if cfg.data:
+                docs = load_documents(cfg.data, self.tokenizer)
+            else:
+                tok = self.tokenizer
+                docs = [Document(tok.encode(t) + [tok.eos_id]) for t in builtin_corpus()]
+            if not docs:
+                raise DataError(f"{', '.join(cfg.data) or 'data'}: no documents")
+            train_docs, val_docs = train_val_split(docs, cfg.val_fraction, seed=cfg.seed)
+        train_rows = pack_documents(train_docs, cfg.seq_len)
+        val_rows = pack_documents(val_docs or [], cfg.seq_len)[: cfg.eval_rows] if val_docs else []
+        st = packing_stats(train_rows)
+        self.log(f"data: {len(train_docs)} train docs -> {st}; {len(val_rows)} validation rows")
+        return train_rows, val_rows
+
+    def _lora(self, model) -> None:
+        cfg = self.cfg
+        if cfg.lora_rank:
+            apply_lora(model, LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                         targets=cfg.lora_targets or None))
+
+    def _build_model(self, model):
+        """LoRA, then (under a layout) the pipeline split and ``parallelize``; in one process activation
+        checkpointing and compile: applied from outside the model, in one fixed order."""
+        if model is None and is_rank0():
+            model, _ = load_any(resolve(self.cfg.model), dtype=torch.float32,
+                                device="cpu" if self.dims is not None else self.device, with_tokenizer=False)
+        if self.dims is None:
+            self._lora(model)
+            if self.pcfg.activation_checkpointing:
+                every = 1 if self.pcfg.activation_checkpointing is True else int(self.pcfg.activation_checkpointing)
+                apply_activation_checkpointing(model, every=every)
+            if self.pcfg.compile:
+                compile_blocks(model, backend=self.pcfg.compile_backend)
+            model.train()
+            model.attn_backend = self.cfg.attn_backend
+            return model
+        # rank 0 holds the full model (LoRA adapters initialised there); every rank builds its part on
+        # the meta device, then rank 0's weights are broadcast shard by shard
+        if is_rank0():
+            self._lora(model)
+        config = _from_rank0(model.config if is_rank0() else None)
+        self.dims = self.dims.validate(self.world, config, self.cfg.seq_len)
+        mesh = self.dims.build_mesh(self.device.type)
+        full = {k: v.detach().cpu() for k, v in model.state_dict().items()} if is_rank0() else {}
+        del model
+        meta = build_meta_model(config)
+        self._lora(meta)
+        if self.dims.pp > 1:  # cut the meta model down to this rank's stage first
+            n_mb = self.cfg.accum * self.cfg.rows_per_micro_batch // self.dims.dp_shard
+            self.pipe = Pipeline(meta, mesh, self.pcfg.pp_schedule, n_microbatches=n_mb)
+            meta = self.pipe.module
+        parallelize(meta, mesh, self.pcfg)
+        materialize(meta, self.device, state_dict=full, broadcast=True)
+        del full
+        meta.train()
+        meta.attn_backend = self.cfg.attn_backend
+        applied = ", ".join(meta.transforms.parallel.applied) or "nothing to apply"
+        self.log(f"parallel: {self.dims.describe()} on {self.world} processes ({applied})")
+        if self.pipe is not None:
+            self.log(f"parallel: {self.pipe.describe()} (rank 0's stage)")
+        return meta
+
+    def fingerprint(self) -> dict:
+        c = self.cfg
+        return {"model_config": json.loads(json.dumps(self.model.config.to_hf(), default=str)),
+                "seq_len": c.seq_len, "batch_tokens": c.batch_tokens, "micro_batch_rows": c.micro_batch_rows,
+                "lora_rank": c.lora_rank, "seed": c.seed}
+
+    # ---- the step ----
+    def _micro_batches(self) -> list[dict]:
+        """This rank's micro-batches of the next step (the global step's rows, then this rank's share)."""
+        cfg = self.cfg
+        rows = [self.stream.next() for _ in range(cfg.accum * cfg.rows_per_micro_batch)]
+        mine = shard_items(rows, self.dp_rank, self.dims.dp_shard) if self.dims is not None else rows
+        per = 1 if self.pipe is not None else cfg.rows_per_micro_batch
+        return [collate_rows(mine[i:i + per]) for i in range(0, len(mine), per)]
+
+    def train_step(self) -> dict:
+        pos_before = self.stream.state()
+        batches = self._micro_batches()
+        t0 = time.perf_counter()
+        res = forward_backward(self.model, batches, self.objective, self.layout, autocast=self.autocast)
+        # one pass over the gradients: their norm (for clipping) and whether all are finite (every rank)
+        gn, finite = grad_norm_and_finite(self.params, self.layout.owner_factor()) if math.isfinite(res.loss) \
+            else (None, False)
+        ok = finite and math.isfinite(res.loss)
+        row = {"step": self.step + 1, "loss": res.loss, "lr": self.scheduler.get_last_lr()[0], "tokens": res.tokens,
+               "valid_tokens": res.count}
+        if ok:
+            if self.cfg.clip > 0 and gn is not None:
+                clip_grads_(self.params, self.cfg.clip, gn)
+                row["grad_norm"] = float(gn)
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            where, j = self._diagnose(batches, res)
+            per = 1 if self.pipe is not None else self.cfg.rows_per_micro_batch
+            msg = (f"step {self.step + 1}: skipped, {where} (micro-batch {j}, data epoch {pos_before['epoch']} "
+                   f"row {pos_before['cursor'] + j * per})")
+            self.log(msg)
+            row.update(skipped=True, reason=msg)
+            self.bad_in_a_row += 1
+        return self._finish_step(row, ok, t0, res.tokens)
+
+    def _diagnose(self, batches: list[dict], res) -> tuple[str, int]:
+        """Where the step's first non-finite value was born: its micro-batches re-run under hooks
+        (every rank together under a layout)."""
+        if self.pipe is not None:
+            return "non-finite loss or gradient (pipeline stages: not localised)", res.bad or 0
+        dev = next(self.model.parameters()).device
+        runs = [lambda b={k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}:
+                micro_batch_loss(self.model, b, self.objective, self.layout, self.autocast) / max(res.count, 1)
+                for b in batches]
+        report, j, rank = locate_in_step(self.model, runs, res.bad)
+        if report is None:
+            return "non-finite gradient (not reproduced on re-run)", j
+        return report.message + (f" on rank {rank}" if self.dims is not None else ""), j
+
+    def _finish_step(self, row: dict, ok: bool, t0: float, n_tokens: int) -> dict:
+        """After the optimizer step (or the skip): advance the schedule, time the step, stop after
+        ``max_bad_steps`` consecutive non-finite steps."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        row["step_s"] = dt
+        row["tokens_per_s"] = n_tokens / dt
+        if not ok and self.bad_in_a_row >= self.cfg.max_bad_steps:
+            self._write_metrics(row)
+            raise TrainingStopped(f"{self.bad_in_a_row} consecutive non-finite steps; last: {row['reason']}")
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        if not self.val_rows:
+            return None
+        mine = shard_items(self.val_rows, self.dp_rank, self.dims.dp_shard) if self.dims is not None else self.val_rows
+        was = self.model.training
+        self.model.eval()
+        res = forward_backward(self.model, [collate_rows([r]) for r in mine], self.objective, self.layout,
+                               backward=False, autocast=self.autocast)
+        self.model.train(was)
+        if res.count == 0:
+            return None
+        return {"val_loss": res.loss, "val_ppl": math.exp(min(res.loss, 50)), "val_tokens": res.count}
+
+    # ---- persistence ----
+    def _write_metrics(self, row: dict) -> None:
+        if is_rank0():
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save_checkpoint(self) -> Path:
+        extra = {**self.fingerprint(), "layout": self.dims.describe() if self.dims is not None else "one process"}
+        return save_train_state(self.out, self.step, model=self.model, optimizer=self.optimizer,
+                                scheduler=self.scheduler,
+                                data_state={**self.stream.state(), "bad_in_a_row": self.bad_in_a_row},
+                                extra=extra, keep_last=self.cfg.keep_last)
+
+    def _resume(self, path: str) -> None:
+        p = Path(path)
+        found = None
+        if is_rank0():
+            if not p.exists():
+                found = ("error", f"--resume {p}: path does not exist")
+            else:
+                ck = p if (p / "meta.json").exists() else latest_checkpoint(p)
+                found = ("ok", str(ck)) if ck is not None else ("error", f"--resume {p}: no complete checkpoint found")
+        status, value = _from_rank0(found)
+        if status == "error":
+            raise CheckpointError(value)
+        ckpt = Path(value)
+        step, data_state, extra = load_train_state(ckpt, model=self.model, optimizer=self.optimizer,
+                                                   scheduler=self.scheduler, expect_extra=self.fingerprint())
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the rate in force at the save point
+        self.step = step
+        self.stream = RowStream(self.train_rows, self.cfg.seed, data_state["epoch"], data_state["cursor"])
+        self.bad_in_a_row = int(data_state.get("bad_in_a_row", 0))
+        # metrics after the checkpoint belong to the interrupted future: drop them so the curve is exact
+        if is_rank0() and self.metrics_path.exists():
+            keep = [l for l in self.metrics_path.read_text().splitlines()
+                    if l.strip() and json.loads(l).get("step", 0) <= step]
+            self.metrics_path.write_text("".join(l + "\n" for l in keep))
+        self.log(f"resumed from {ckpt} at step {step} (saved at {extra.get('layout', 'one process')})")
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+        self.log(f"received signal {signum}: saving a checkpoint after this step")
+
+    def _stop_requested(self) -> int | None:
+        """The signal any rank received (every rank stops after the same step)."""
+        if not is_distributed():
+            return self._stop_signal
+        t = torch.tensor([self._stop_signal or 0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t) or None
+
+    # ---- main ----
+    def run(self) -> dict:
+        cfg = self.cfg
+        if is_rank0():
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._run()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _run(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        summary: dict = {"out": str(self.out)}
+        if self.step == 0:
+            ev = self.evaluate()
+            if ev:
+                self.log(f"validation before: loss {ev['val_loss']:.4f}, perplexity {ev['val_ppl']:.2f}")
+                self._write_metrics({"step": 0, **ev})
+                summary["val_before"] = ev
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step", file=sys.stderr,
+                   disable=not cfg.progress, dynamic_ncols=True)
+        while self.step < cfg.steps:
+            row = self.train_step()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                ev = self.evaluate()
+                if ev:
+                    row.update(ev)
+            self._write_metrics(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            stop = self._stop_requested()
+            if stop is not None:
+                bar.close()
+                ck = self.save_checkpoint()
+                self.log(f"stopped by signal at step {self.step}; checkpoint {ck}; resume with --resume {self.out}")
+                summary["interrupted"] = True
+                summary["exit_code"] = 128 + stop
+                return summary
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        ev = self.evaluate()
+        if ev:
+            self.log(f"validation after:  loss {ev['val_loss']:.4f}, perplexity {ev['val_ppl']:.2f}")
+            self._write_metrics({"step": self.step, **ev})
+            summary["val_after"] = ev
+        self.save_checkpoint()
+        self.export()
+        if is_rank0():
+            self.plot()
+        return summary
+
+    def export(self) -> Path:
+        """The final model as an HF-format dir (LoRA: an adapter dir too) that generate and transformers
+        load. Collective under a layout (the shards are gathered to rank 0, which writes)."""
+        if self.cpu is not None:
+            self.cpu.remove()  # plain modules again: nothing of the CPU policy is copied or saved
+            self.cpu = None
+        dst = self.out / "final"
+        if self.dims is None:
+            model = self.model
+        else:
+            sd = full_state_dict(self.model)
+            model = None
+            if is_rank0():
+                model = build_model(self.model.config, device="meta")
+                self._lora(model)
+                load_into(model, sd, "sharded model", dtype=next(iter(sd.values())).dtype)
+        if is_rank0():
+            if self.cfg.lora_rank:
+                save_adapter(model, self.out / "adapter")
+                model = merged_copy(model)
+            save_hf(model, dst, tokenizer=self.tokenizer)
+            self.log(f"final model: {dst}")
+        if is_distributed():
+            dist.barrier()
+        return dst
+
+    def plot(self) -> Path:
+        return plot_metrics(self.metrics_path, self.out / "loss.png")
