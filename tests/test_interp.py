@@ -7,6 +7,7 @@ import torch
 from conftest import run_cli
 
 from gemmaforge import from_config, interp
+from gemmaforge.errors import InputError
 from gemmaforge.models.registry import preset
 
 S = 12
@@ -124,6 +125,9 @@ def test_fold_then_save_and_reload(tmp_path, ids):
     save_hf(model, tmp_path / "m")
     again = from_pretrained(tmp_path / "m")
     with torch.no_grad():
+        torch.testing.assert_close(again(ids), model(ids), atol=1e-6, rtol=0)
+        # the reloaded head is untied (and on CPU a subclass of LMHead): folding goes into its columns
+        interp.fold_norm_weights(again)
         torch.testing.assert_close(again(ids), model(ids), atol=1e-6, rtol=0)
 
 
@@ -302,3 +306,162 @@ def test_tl_weights_include_an_unmerged_lora_adapter(tiny, ids):
         torch.testing.assert_close(c["ln2_post", i], m_out, atol=1e-5, rtol=0)
         torch.testing.assert_close(c["mlp_pre", i], c["ln2", i] @ w.W_gate[i], atol=1e-5, rtol=0)
         torch.testing.assert_close(interp.W_O(model, i), w.W_O[i])
+
+
+# ---------------------------------------------------------------------------- Gemma 4: per-layer shapes
+
+GEMMA4 = ["gemma-4-tiny-e2b", "gemma-4-tiny-31b", "gemma-4-tiny-moe"]
+
+
+def _gemma4(name):
+    """A tiny Gemma 4 with random 1-D weights around Gemma 4's identity (norms ``rms(x) * w``: w = 1),
+    so q/k norms and every foldable norm do something."""
+    model = from_config(preset(name), seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module", params=GEMMA4)
+def gemma4(request):
+    return request.param, _gemma4(request.param)
+
+
+def test_gemma4_weight_views_have_each_layers_shape(gemma4):
+    name, model = gemma4
+    cfg = model.config
+    H, d = cfg.num_attention_heads, cfg.hidden_size
+    w = interp.TLWeights(model)
+    n = cfg.num_hidden_layers
+    for i, layer in enumerate(model.model.layers.values()):
+        D, src = cfg.layer_head_dim(i), cfg.kv_source(i)
+        assert interp.W_Q(model, i).shape == (H, d, D)
+        assert interp.W_K(model, i).shape == interp.W_V(model, i).shape == (cfg.kv_heads(src), d, D)
+        assert interp.W_O(model, i).shape == (H, D, d)
+        m = cfg.mlp_size(i)
+        assert interp.W_gate(model, i).shape == interp.W_in(model, i).shape == (d, m)
+        assert interp.W_out(model, i).shape == (m, d)
+        for f in ("W_Q", "W_K", "W_V", "W_O", "W_gate", "W_in", "W_out"):
+            one = getattr(interp, f)(model, i)
+            assert torch.equal(getattr(w, f)[i], one)
+            assert torch.equal(getattr(interp, f)(model, i - n), one)  # negative layer index
+        if cfg.kv_sharing_modes[i] == "reuse":  # no k/v weights: the source layer's, the very same tensors
+            assert not hasattr(layer.self_attn, "k_proj") and src != i
+            for f in (interp.W_K, interp.W_V):
+                assert torch.equal(f(model, i), f(model, src))
+                assert f(model, i).data_ptr() == f(model, src).data_ptr()
+        else:
+            assert src == i
+            k_proj = layer.self_attn.k_proj.weight
+            assert interp.W_K(model, i).data_ptr() == k_proj.data_ptr()  # a view, as on Gemma 3
+        if cfg.k_eq_v(src):  # V is the raw k_proj output: W_V is W_K
+            assert src != i or layer.self_attn.v_proj is None
+            assert interp.W_V(model, i).data_ptr() == interp.W_K(model, i).data_ptr()
+        else:
+            assert not torch.equal(interp.W_V(model, i), interp.W_K(model, i))
+    # full and sliding attention layers differ: asking for the stack says so, in one line
+    for f in ("W_Q", "W_K", "W_V", "W_O"):
+        with pytest.raises(InputError, match="different shapes") as e:
+            getattr(interp, f)(model)
+        assert "\n" not in str(e.value) and f"interp.{f}(model, layer=i)" in str(e.value)
+        assert isinstance(getattr(w, f), interp.weights.PerLayer) and len(getattr(w, f)) == n
+    assert torch.equal(w.W_Q[2, 1], interp.W_Q(model, 2)[1])  # the list indexes like the stack
+    if cfg.use_double_wide_mlp:  # double-wide MLP on the KV-sharing layers
+        with pytest.raises(InputError, match="different shapes"):
+            interp.W_gate(model)
+        assert isinstance(w.W_out, interp.weights.PerLayer)
+    else:  # same MLP everywhere: the stack
+        assert interp.W_gate(model).shape == w.W_gate.shape == (n, d, cfg.intermediate_size)
+    with pytest.raises(InputError, match="out of range"):
+        interp.W_Q(model, n)
+    if name == "gemma-4-tiny-e2b":
+        assert "reuse" in cfg.kv_sharing_modes
+    else:
+        assert any(cfg.k_eq_v(i) for i in range(n))
+
+
+def test_gemma4_weight_views_reproduce_the_hooks(gemma4):
+    """Each view is what the model computes with: q/k/v hooks (k/v only on layers that compute keys),
+    the attention output, the dense MLP's pre-activations and output."""
+    _, model = gemma4
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (2, S), generator=torch.Generator().manual_seed(4))
+    dense_out = {}
+    handles = [layer.mlp.register_forward_hook(lambda mod, args, out, i=i: dense_out.__setitem__(i, out))
+               for i, layer in enumerate(model.model.layers.values())]
+    try:
+        with torch.no_grad():
+            _, c = model.run_with_cache(ids)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def heads(x, W):
+        return torch.einsum("bsd,hde->bshe", x, W)
+
+    for i, layer in enumerate(model.model.layers.values()):
+        att, src = layer.self_attn, cfg.kv_source(i)
+        torch.testing.assert_close(c["q", i], att.q_norm(heads(c["ln1", i], interp.W_Q(model, i))), atol=1e-5, rtol=0)
+        # the keys/values layer i attends to: its source layer's (itself unless KV-sharing), from the source's ln1
+        s_att = model.model.layers[str(src)].self_attn
+        torch.testing.assert_close(c["k", src], s_att.k_norm(heads(c["ln1", src], interp.W_K(model, i))),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(c["v", src], s_att.v_norm(heads(c["ln1", src], interp.W_V(model, i))),
+                                   atol=1e-5, rtol=0)
+        o = torch.einsum("bshe,hed->bsd", c["z", i], interp.W_O(model, i))
+        torch.testing.assert_close(c["ln1_post", i], layer.post_attention_layernorm(o), atol=1e-5, rtol=0)
+        torch.testing.assert_close(c["mlp_pre", i], c["ln2", i] @ interp.W_gate(model, i), atol=1e-5, rtol=0)
+        torch.testing.assert_close(c["pre_linear", i], c["ln2", i] @ interp.W_in(model, i), atol=1e-5, rtol=0)
+        m = c["mlp_post", i] @ interp.W_out(model, i)
+        torch.testing.assert_close(dense_out[i], m, atol=1e-5, rtol=0)
+        if not layer.moe:  # MoE layers add the experts before the post-norm
+            torch.testing.assert_close(c["ln2_post", i], layer.post_feedforward_layernorm(m), atol=1e-5, rtol=0)
+    reuse = [i for i, mode in enumerate(cfg.kv_sharing_modes) if mode == "reuse"]
+    for i in reuse:  # a KV-sharing layer computes no keys: no k/v hook points
+        with pytest.raises(KeyError):
+            c["k", i]
+
+
+@pytest.mark.parametrize("name", GEMMA4)
+def test_fold_norm_weights_leaves_gemma4_logits_unchanged(name):
+    model = _gemma4(name)
+    cfg = model.config
+    x = torch.randint(0, cfg.vocab_size, (2, S), generator=torch.Generator().manual_seed(5))
+    layers = list(model.model.layers.values())
+    with torch.no_grad():
+        before = model(x)
+        embed = model.model.embed_tokens.weight.clone()
+        kept = {n: p.clone() for n, p in model.named_parameters()
+                if any(k in n for k in ("q_norm", "k_norm", "post_", "router", "per_layer_projection_norm"))}
+        interp.fold_norm_weights(model)
+        after = model(x)
+    assert before.abs().max() > 0.1
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
+    for i, layer in enumerate(layers):
+        assert (layer.input_layernorm.weight == 1).all() and (layer.pre_feedforward_layernorm.weight == 1).all()
+        if layer.moe:
+            assert (layer.pre_feedforward_layernorm_2.weight == 1).all()
+    assert (model.model.norm.weight == 1).all()
+    torch.testing.assert_close(model.model.embed_tokens.weight, embed, atol=0, rtol=0)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings is False and cfg.tie_word_embeddings  # a new config, the old untouched
+    for n, p in model.named_parameters():  # the norms that cannot be folded keep their weights
+        if n in kept:
+            assert torch.equal(p, kept[n]), n
+    assert kept and not all((p == 1).all() for p in kept.values())
+
+
+def test_fold_refuses_lora_and_leaves_the_model_as_it_was(tiny):
+    import copy
+
+    from gemmaforge.adapters.lora import LoraConfig, apply_lora
+
+    model = copy.deepcopy(tiny)
+    apply_lora(model, LoraConfig(rank=2, targets=["v_proj"]))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(InputError, match="merge LoRA adapters first"):
+        interp.fold_norm_weights(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

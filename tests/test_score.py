@@ -278,7 +278,6 @@ def _score_cli(*args):
 def small_dir(real_gguf, tmp_path_factory):
     """A small random Gemma 3 with the real 262k vocabulary and tokenizer: CLI runs take seconds."""
     from gemmaforge.formats.hf import save_hf
-    from gemmaforge.data.tokenizer import Tokenizer
     from gemmaforge.formats.gguf import gguf_tokenizer
 
     torch.manual_seed(0)

@@ -14,7 +14,6 @@ from conftest import run_cli
 from gemmaforge import from_config
 from gemmaforge.formats.hf import save_hf
 from gemmaforge.models.registry import preset
-from gemmaforge.data.tokenizer import Tokenizer
 from gemmaforge.formats.gguf import gguf_tokenizer
 from gemmaforge.train import read_metrics
 

@@ -67,11 +67,11 @@ def test_round_trip_restores_everything_exactly(tmp_path):
     assert latest_checkpoint(tmp_path / "checkpoints") == ck  # the checkpoints dir itself works too
     meta = json.loads((ck / "meta.json").read_text())
     assert meta["complete"] is True and meta["step"] == 3
-    assert meta["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}  # tied head written once
-    from safetensors import safe_open
+    from torch.distributed.checkpoint import FileSystemReader
 
-    with safe_open(str(ck / "model.safetensors"), "pt") as st:
-        assert set(st.keys()) == set(m.state_dict()) - {"lm_head.weight"}
+    saved = {k for k in FileSystemReader(str(ck)).read_metadata().state_dict_metadata if k.startswith("model.")}
+    assert saved == {"model." + k for k in m.state_dict()} - {"model.lm_head.weight"}  # tied head written once
+    assert set(meta["files"]) >= {".metadata", "scheduler.json", "rng-rank0.pt", "data_state.pt", "extra.json"}
 
     after_save = _draws()
     opt_saved, sched_saved = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
@@ -118,7 +118,7 @@ def test_damaged_checkpoint_is_never_latest_and_load_names_the_file(tmp_path, da
     good = _save(tmp_path, 1, m, opt, sched)
     bad = _save(tmp_path, 2, m, opt, sched)
     assert latest_checkpoint(tmp_path) == bad
-    victim = bad / "optimizer.pt"
+    victim = next(bad.glob("*.distcp"))  # the model and optimizer shard
     if damage == "truncate":
         data = victim.read_bytes()
         victim.write_bytes(data[: len(data) // 2])
@@ -165,7 +165,7 @@ def test_leftover_temp_dir_and_missing_dir(tmp_path):
     shutil.copytree(good, tmp_path / "checkpoints" / ".step-000002.tmp-abc123")
     # an empty / partial step dir (no meta.json)
     (tmp_path / "checkpoints" / "step-000003").mkdir()
-    (tmp_path / "checkpoints" / "step-000003" / "model.safetensors").write_bytes(b"\x00" * 10)
+    (tmp_path / "checkpoints" / "step-000003" / "__0_0.distcp").write_bytes(b"\x00" * 10)
     assert latest_checkpoint(tmp_path) == good
     with pytest.raises(CheckpointError, match="step-000003/meta.json"):
         load_train_state(tmp_path / "checkpoints" / "step-000003", model=m, expect_extra=None)
@@ -187,7 +187,7 @@ KILL_SCRIPT = textwrap.dedent("""
     real = torch.save
     def dying_save(obj, f, *a, **k):
         real(obj, f, *a, **k)
-        if str(f).endswith("scheduler.pt"):
+        if str(f).endswith("data_state.pt"):
             os._exit(9)  # killed mid-write: no cleanup, no exception handlers
     torch.save = dying_save
     with torch.no_grad():
@@ -221,7 +221,7 @@ def test_keep_last_prunes_oldest_complete_checkpoints(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-1000000"
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-1000000", "step-000040"]
     # a damaged newer checkpoint does not count towards keep_last (it is never a complete one)
-    (tmp_path / "checkpoints" / "step-1000000" / "rng.pt").write_bytes(b"")
+    (tmp_path / "checkpoints" / "step-1000000" / "rng-rank0.pt").write_bytes(b"")
     _save(tmp_path, 1_000_001, m, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-1000001", "step-000040"]
     with pytest.raises(ValueError):
@@ -246,7 +246,7 @@ def test_incompatible_fingerprint_names_dir_and_first_differing_key(tmp_path):
     with pytest.raises(CheckpointError, match=r"tokenizer \(missing in the checkpoint"):
         load_train_state(ck, model=m, expect_extra={**_fingerprint(m), "tokenizer": "abc"})
     # without expect_extra, a model of another shape is still refused, naming the weights file
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: does not fit the model: mis-shaped"):
+    with pytest.raises(CheckpointError, match=r"step-000007: does not fit the model: mis-shaped"):
         load_train_state(ck, model=other, expect_extra=None)
     # the matching fingerprint (tuples vs lists, key order) loads
     load_train_state(ck, model=m, optimizer=opt, scheduler=sched, expect_extra=_fingerprint(m))

@@ -5,6 +5,7 @@
     model = gemmaforge.from_pretrained("gemma-3-270m"); tok = gemmaforge.load_tokenizer("gemma-3-270m")
     ids = torch.tensor([tok.encode("The capital of France is")])
     interp.W_Q(model).shape                       # [n_layers, n_heads, d_model, d_head]
+    interp.W_Q(model, layer=3).shape              # [n_heads, d_model, d_head]: Gemma 4 layers differ, ask per layer
     lens = interp.logit_lens(model, ids, k=5)     # top-5 tokens of every layer's residual stream
     dla = interp.direct_logit_attribution(model, ids, tok.token_to_id("▁Paris"))
     scores = interp.activation_patching(model, clean, corrupted, "resid_post", metric)

@@ -105,7 +105,7 @@ def direct_logit_attribution(model, input_ids, target_id: int, position: int = -
     final = cache["resid_post", len(layers) - 1][0, pos].float()
     norm = model.model.norm
     rms_scale = torch.rsqrt(final.pow(2).mean() + norm.eps)
-    w_t = model.head_weight()[int(target_id)].float()
+    w_t = model.lm_head.matrix()[int(target_id)].float()
     u = w_t * norm.scale().to(w_t.device) * rms_scale
 
     def contrib(x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +126,7 @@ def direct_logit_attribution(model, input_ids, target_id: int, position: int = -
             per.append(res @ u)
         out["attn_heads"] = torch.stack(per).cpu()
     logit = float(cache["ln_final"][0, pos].float() @ w_t)
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    cap = model.lm_head.softcap
     out.update(
         total=embed + float(attn.sum()) + float(mlp.sum()),
         logit=logit,

@@ -1,12 +1,33 @@
 """The model's weights in TransformerLens' conventions: ``W_E``, ``W_U``, per-head ``W_Q/W_K/W_V/W_O``,
-``W_gate/W_in/W_out`` (weights act on the right, ``x @ W``; per-head weights ``[head, d_model, d_head]``)."""
+``W_gate/W_in/W_out`` (weights act on the right, ``x @ W``; per-head weights ``[head, d_model, d_head]``).
+
+Shapes are read per layer, from that layer's own modules: Gemma 4 layers differ (full-attention
+layers have ``global_head_dim`` and, with ``attention_k_eq_v``, their own number of K/V heads; with
+``use_double_wide_mlp`` the KV-sharing layers' MLP is twice as wide). Hence the rules:
+
+- ``W_X(model, layer=i)`` is layer ``i``'s weight, always.
+- ``W_X(model)`` stacks the layers into ``[n_layers, ...]`` when they all have the same shape and
+  otherwise raises a one-line ``InputError`` (ask per layer): a list where a tensor is documented
+  would fail later, further from the cause.
+- ``TLWeights(model).W_X`` is the stacked tensor when the shapes agree and otherwise a ``PerLayer``
+  list of the per-layer tensors; both index the same way (``w.W_Q[i]``, ``w.W_Q[i, h]``).
+- A KV-sharing layer (Gemma 4 "reuse" layer: no ``k_proj``/``v_proj``) attends to the keys and values
+  its source layer (``config.kv_source(i)``) computed, so its ``W_K``/``W_V`` are the source's.
+- A K=V layer (Gemma 4 full layer with ``attention_k_eq_v``: no ``v_proj``) takes V from the raw
+  ``k_proj`` output, so its ``W_V`` is its ``W_K`` (the same tensor).
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from typing import Callable
+
 import torch
 
+from ..errors import InputError
 from ..models.common.blocks import applied_weight
-from .common import _dims, _layers
+from .common import _kv_source, _layer_index, _layers
+
 
 def W_E(model) -> torch.Tensor:
     """Token embedding ``[vocab, d_model]`` as stored (Gemma multiplies it by ``sqrt(d_model)`` in
@@ -25,51 +46,136 @@ def _w(linear) -> torch.Tensor:
     return applied_weight(linear).detach()
 
 
-def _per_layer(model, layer, fn) -> torch.Tensor:
+def _heads_in(linear, d_head: int) -> torch.Tensor:
+    """``[out = heads * d_head, d_model]`` -> ``[heads, d_model, d_head]`` (heads read off the weight
+    itself, so a tensor-parallel shard gives its local heads)."""
+    w = _w(linear)
+    return w.view(-1, d_head, w.shape[1]).transpose(1, 2)
+
+
+class PerLayer(list):
+    """Per-layer tensors of differing shapes (a ``TLWeights`` attribute on a model whose layers
+    differ). Indexes like the stacked tensor would: ``w.W_Q[i]`` is layer ``i``, ``w.W_Q[i, h]``
+    is ``w.W_Q[i][h]``."""
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            first, rest = key[0], key[1:]
+            item = super().__getitem__(first)
+            return item[rest] if rest else item
+        return super().__getitem__(key)
+
+
+def _all_layers(model, fn: Callable[[object, int], torch.Tensor]) -> list[torch.Tensor]:
+    return [fn(model, i) for i in range(len(_layers(model)))]
+
+
+def _shapes_differ(name: str, ts: list[torch.Tensor]) -> str | None:
+    """None when every layer has the same shape, else a one-line description of the shapes."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(ts):
+        groups[tuple(t.shape)].append(i)
+    if len(groups) <= 1:
+        return None
+    parts = "; ".join(f"layer{'s' if len(ls) > 1 else ''} {','.join(map(str, ls))}: {list(s)}"
+                      for s, ls in groups.items())
+    return f"{name}: the layers have different shapes ({parts}); ask per layer: interp.{name}(model, layer=i)"
+
+
+def _per_layer(model, layer: int | None, fn: Callable[[object, int], torch.Tensor], name: str) -> torch.Tensor:
     if layer is not None:
-        return fn(_layers(model)[layer])
-    return torch.stack([fn(lay) for lay in _layers(model)])
+        return fn(model, _layer_index(model, layer))
+    ts = _all_layers(model, fn)
+    msg = _shapes_differ(name, ts)
+    if msg is not None:
+        raise InputError(msg)
+    return torch.stack(ts)
+
+
+# one layer each: (model, i) -> tensor; i is a valid non-negative index
+
+def _q(model, i):
+    attn = _layers(model)[i].self_attn
+    return _heads_in(attn.q_proj, attn.head_dim)
+
+
+def _k(model, i):
+    attn = _layers(model)[_kv_source(model, i)].self_attn
+    return _heads_in(attn.k_proj, attn.head_dim)
+
+
+def _v(model, i):
+    attn = _layers(model)[_kv_source(model, i)].self_attn
+    v_proj = getattr(attn, "v_proj", None)
+    return _heads_in(attn.k_proj if v_proj is None else v_proj, attn.head_dim)  # K=V: V is the raw k_proj output
+
+
+def _o(model, i):
+    attn = _layers(model)[i].self_attn
+    w = _w(attn.o_proj)  # [d_model, heads * d_head]
+    return w.view(w.shape[0], -1, attn.head_dim).permute(1, 2, 0)
+
+
+def _gate(model, i):
+    return _w(_layers(model)[i].mlp.gate_proj).T
+
+
+def _in(model, i):
+    return _w(_layers(model)[i].mlp.up_proj).T
+
+
+def _out(model, i):
+    return _w(_layers(model)[i].mlp.down_proj).T
 
 
 def W_Q(model, layer: int | None = None) -> torch.Tensor:
     """``[n_layers, n_heads, d_model, d_head]`` (``[n_heads, d_model, d_head]`` for one ``layer``):
-    ``hook_q = q_norm(ln1 @ W_Q)`` per head (Gemma's q_norm comes before RoPE; see ``hook_rot_q``)."""
-    H, _, D, d = _dims(model)
-    return _per_layer(model, layer, lambda L: _w(L.self_attn.q_proj).view(H, D, d).transpose(1, 2))
+    ``hook_q = q_norm(ln1 @ W_Q)`` per head (Gemma's q_norm comes before RoPE; see ``hook_rot_q``).
+    Gemma 4's full-attention layers have a larger ``d_head``: ask those per layer."""
+    return _per_layer(model, layer, _q, "W_Q")
 
 
 def W_K(model, layer: int | None = None) -> torch.Tensor:
     """``[n_layers, n_kv_heads, d_model, d_head]`` (grouped-query: query head ``h`` reads kv head
-    ``h // (n_heads // n_kv_heads)``)."""
-    _, Hkv, D, d = _dims(model)
-    return _per_layer(model, layer, lambda L: _w(L.self_attn.k_proj).view(Hkv, D, d).transpose(1, 2))
+    ``h // (n_heads // n_kv_heads)``): ``hook_k = k_norm(ln1 @ W_K)`` (Gemma; Mistral has no k_norm).
+
+    A KV-sharing layer (no ``k_proj``) gives its source layer's ``W_K``, applied to the *source
+    layer's* ``ln1``: those are the keys it attends to. Gemma 4's full layers may have another
+    ``d_head`` and number of K/V heads: ask those per layer."""
+    return _per_layer(model, layer, _k, "W_K")
 
 
 def W_V(model, layer: int | None = None) -> torch.Tensor:
-    """``[n_layers, n_kv_heads, d_model, d_head]``: ``hook_v = ln1 @ W_V`` (no norm on V)."""
-    _, Hkv, D, d = _dims(model)
-    return _per_layer(model, layer, lambda L: _w(L.self_attn.v_proj).view(Hkv, D, d).transpose(1, 2))
+    """``[n_layers, n_kv_heads, d_model, d_head]``: ``hook_v = ln1 @ W_V`` (Gemma 3, Mistral: no norm on
+    V; Gemma 4: ``v_norm(ln1 @ W_V)``, a norm without weight).
+
+    A K=V layer (no ``v_proj``) gives its ``W_K``: its V is the raw ``k_proj`` output. A KV-sharing
+    layer gives its source layer's ``W_V`` (as for ``W_K``)."""
+    return _per_layer(model, layer, _v, "W_V")
 
 
 def W_O(model, layer: int | None = None) -> torch.Tensor:
-    """``[n_layers, n_heads, d_head, d_model]``: ``hook_attn_out = sum_h z[..., h, :] @ W_O[h]``."""
-    H, _, D, d = _dims(model)
-    return _per_layer(model, layer, lambda L: _w(L.self_attn.o_proj).view(d, H, D).permute(1, 2, 0))
+    """``[n_layers, n_heads, d_head, d_model]``: ``o_proj(z) = sum_h z[..., h, :] @ W_O[h]`` (Gemma:
+    ``hook_attn_out`` is that after the post-attention norm)."""
+    return _per_layer(model, layer, _o, "W_O")
 
 
 def W_gate(model, layer: int | None = None) -> torch.Tensor:
-    """``[n_layers, d_model, d_mlp]``: ``mlp.hook_pre = ln2 @ W_gate`` (goes through the activation)."""
-    return _per_layer(model, layer, lambda L: _w(L.mlp.gate_proj).T)
+    """``[n_layers, d_model, d_mlp]``: ``mlp.hook_pre = ln2 @ W_gate`` (goes through the activation).
+    The dense MLP only (not Gemma 4's MoE experts); Gemma 4 with ``use_double_wide_mlp`` has a wider
+    ``d_mlp`` on its KV-sharing layers: ask those per layer."""
+    return _per_layer(model, layer, _gate, "W_gate")
 
 
 def W_in(model, layer: int | None = None) -> torch.Tensor:
     """``[n_layers, d_model, d_mlp]``: ``mlp.hook_pre_linear = ln2 @ W_in`` (the linear branch)."""
-    return _per_layer(model, layer, lambda L: _w(L.mlp.up_proj).T)
+    return _per_layer(model, layer, _in, "W_in")
 
 
 def W_out(model, layer: int | None = None) -> torch.Tensor:
-    """``[n_layers, d_mlp, d_model]``: ``hook_mlp_out = mlp.hook_post @ W_out``."""
-    return _per_layer(model, layer, lambda L: _w(L.mlp.down_proj).T)
+    """``[n_layers, d_mlp, d_model]``: the dense MLP's output is ``mlp.hook_post @ W_out`` (before any
+    post-norm: ``hook_mlp_out`` for Mistral; Gemma normalises it first, Gemma 4 MoE layers add the experts)."""
+    return _per_layer(model, layer, _out, "W_out")
 
 
 class TLWeights:
@@ -78,16 +184,20 @@ class TLWeights:
     ``W_E`` / ``W_U`` and single-layer calls are detached *views* of the parameters (no copy:
     writing into them writes into the model; ``.clone()`` for a private copy), except the weight
     of a projection carrying an unmerged LoRA adapter, which is the weight it applies,
-    ``W + scaling * B @ A``, a new tensor (``merge`` the adapters first for views). The stacked
-    ``[n_layers, ...]`` attributes are detached copies, built on first access and cached;
-    build a new ``TLWeights`` after changing the model's weights.
+    ``W + scaling * B @ A``, a new tensor (``merge`` the adapters first for views).
+
+    The per-layer attributes (``W_Q`` .. ``W_out``) are built on first access and cached (build a new
+    ``TLWeights`` after changing the model's weights): a stacked ``[n_layers, ...]`` detached copy
+    when every layer has the same shape, else (Gemma 4) a ``PerLayer`` list of the per-layer
+    tensors, as ``W_X(model, layer=i)`` gives them (views), indexed the same way (``w.W_Q[i]``,
+    ``w.W_Q[i, h]``). The KV-sharing and K=V rules are the functions' (module docstring).
     """
 
-    _STACKED = {"W_Q": W_Q, "W_K": W_K, "W_V": W_V, "W_O": W_O, "W_gate": W_gate, "W_in": W_in, "W_out": W_out}
+    _PER_LAYER = {"W_Q": _q, "W_K": _k, "W_V": _v, "W_O": _o, "W_gate": _gate, "W_in": _in, "W_out": _out}
 
     def __init__(self, model):
         self.model = model
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, torch.Tensor | PerLayer] = {}
 
     @property
     def W_E(self) -> torch.Tensor:
@@ -98,10 +208,11 @@ class TLWeights:
         return W_U(self.model)
 
     def __getattr__(self, name):
-        fn = TLWeights._STACKED.get(name)
+        fn = TLWeights._PER_LAYER.get(name)
         if fn is None:
             raise AttributeError(name)
         cache = self.__dict__["_cache"]
         if name not in cache:
-            cache[name] = fn(self.__dict__["model"])
+            ts = _all_layers(self.__dict__["model"], fn)
+            cache[name] = PerLayer(ts) if _shapes_differ(name, ts) else torch.stack(ts)
         return cache[name]
