@@ -165,11 +165,23 @@ class HeadGradBuffer:
     def __init__(self):
         self.buf: Optional[torch.Tensor] = None
         self.ws: Optional[torch.Tensor] = None
+        # handed out and not yet accumulated into ``weight.grad``: a schedule that runs several losses'
+        # forwards before their backwards (GPipe) must not have the next loss write into it
+        self.pending = False
+        self._watched: set[int] = set()
+
+    def _accumulated(self, _param) -> None:
+        self.pending = False
 
     def get(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
-        if weight.grad is not None or not weight.requires_grad or weight.dtype != torch.float32 or not _local(weight):
+        if weight.grad is not None or self.pending or not weight.requires_grad or weight.dtype != torch.float32 \
+                or not _local(weight):
             return None
+        if id(weight) not in self._watched:
+            weight.register_post_accumulate_grad_hook(self._accumulated)
+            self._watched.add(id(weight))
         self.buf = _kept(self.buf, tuple(weight.shape), weight.device)
+        self.pending = True
         return self.buf
 
     def logits(self, weight: torch.Tensor, chunk: int) -> Optional[torch.Tensor]:

@@ -7,7 +7,6 @@ process get exactly the same weights.
 
 from __future__ import annotations
 
-import types
 import zlib
 
 import torch
@@ -95,7 +94,6 @@ def materialize(model: nn.Module, device: str | torch.device = "cpu", *, seed: i
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(model, sd, options=opts)
         return model
-    init = type(model).init_weights
     seed = torch.initial_seed() if seed is None else seed
     for name, p in model.named_parameters():
         key = canonical_name(model, name)
@@ -106,10 +104,15 @@ def materialize(model: nn.Module, device: str | torch.device = "cpu", *, seed: i
         else:
             full = torch.empty(tuple(p.shape), dtype=p.dtype, device="cpu")
             gen = torch.Generator(device="cpu").manual_seed(_param_seed(seed, key))
-            proxy = types.SimpleNamespace(named_parameters=lambda n=key, t=full: iter([(n, t)]))
-            init(proxy, init_std, generator=gen)
-        local = _local_shard_of(full, p)
-        local(p).copy_(local.to(p.device))
+            model.init_parameter(key, full, init_std, gen)
+        local(p).copy_(_local_shard_of(full, p).to(p.device))
+    if state_dict is None:
+        model.init_buffers()
+    else:
+        persistent = set(model.state_dict())
+        for name, b in model.named_buffers():
+            if name in persistent and name in state_dict:
+                b.copy_(state_dict[name].to(device=b.device, dtype=b.dtype))
     return model
 
 

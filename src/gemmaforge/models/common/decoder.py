@@ -75,6 +75,21 @@ class CausalLM(nn.Module):
         """layer type -> (RopeSpec, rotary head_dim)."""
         raise NotImplementedError
 
+    @staticmethod
+    def init_parameter(name: str, p: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+        """The family's random init of one parameter (by its name in the full model), in place."""
+        raise NotImplementedError
+
+    def init_buffers(self) -> None:
+        """Set persistent buffers to their initial values (after ``to_empty``)."""
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init of every parameter and buffer (``init_parameter``, ``init_buffers``)."""
+        for name, p in self.named_parameters():
+            self.init_parameter(name, p, std, generator)
+        self.init_buffers()
+
     def prepare(self, h: torch.Tensor, ctx: ForwardContext, input_ids: torch.Tensor | None, **family_inputs) -> None:
         """Family-specific per-forward inputs, put on ``ctx.state`` before the layers run (Gemma 4:
         per-layer embeddings). The base family takes none."""

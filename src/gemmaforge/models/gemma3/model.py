@@ -107,10 +107,10 @@ class Gemma3ForCausalLM(CausalLM):
         used = set(self.config.layer_types)
         return {t: (spec, self.config.head_dim) for t, spec in self.config.rope.items() if t in used}
 
-    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+    @staticmethod
+    def init_parameter(name: str, p: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
         """Random init as the reference does: normal(0, std) linears/embedding, zero (identity) norms."""
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                nn.init.zeros_(p)
-            else:
-                nn.init.normal_(p, 0.0, std, generator=generator)
+        if name.endswith("norm.weight") or "layernorm" in name:
+            nn.init.zeros_(p)
+        else:
+            nn.init.normal_(p, 0.0, std, generator=generator)

@@ -246,16 +246,17 @@ class Gemma4ForCausalLM(CausalLM):
                         ("k_proj", "v_proj", "k_norm", "v_norm")}
         return out
 
-    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """Random init as the reference does: normal(0, std) matrices and embeddings, ones for norms,
-        router scales and layer scalars."""
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if p.dim() == 1:  # norms, router.scale, router.per_expert_scale
-                    nn.init.ones_(p)
-                else:
-                    nn.init.normal_(p, 0.0, std, generator=generator)
-            for name, b in self.named_buffers():
-                if name.endswith("layer_scalar"):
-                    b.fill_(1.0)
+    @staticmethod
+    def init_parameter(name: str, p: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+        """Random init as the reference does: normal(0, std) matrices and embeddings, ones for norms and
+        router scales."""
+        if p.dim() == 1:  # norms, router.scale, router.per_expert_scale
+            nn.init.ones_(p)
+        else:
+            nn.init.normal_(p, 0.0, std, generator=generator)
+
+    def init_buffers(self) -> None:
+        for name, b in self.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.fill_(1.0)
 

@@ -83,9 +83,9 @@ class MistralForCausalLM(CausalLM):
         t = self.config.layer_types[0]
         return {t: (self.config.rope[t], self.config.head_dim)}
 
-    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        for name, p in self.named_parameters():
-            if "norm" in name:
-                nn.init.ones_(p)
-            else:
-                nn.init.normal_(p, 0.0, std, generator=generator)
+    @staticmethod
+    def init_parameter(name: str, p: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+        if "norm" in name:
+            nn.init.ones_(p)
+        else:
+            nn.init.normal_(p, 0.0, std, generator=generator)
