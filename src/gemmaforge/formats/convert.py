@@ -39,7 +39,7 @@ def load_any(src: Path, dtype=None, device="cpu", with_tokenizer: bool = True):
     return model.eval(), tok
 
 
-def convert(src: str | Path, dst: str | Path, progress: bool = False) -> Path:
+def convert(src: str | Path, dst: str | Path) -> Path:
     """Write ``dst`` as an HF-format dir loadable by gemmaforge and transformers."""
     src, dst = Path(src), Path(dst)
     model, tok = load_any(src)

@@ -36,7 +36,7 @@ def _assemble_embedded(name: str, dst: Path) -> Path:
     return Path(pkg.assemble(dst, overwrite=True))
 
 
-def embedded_dir(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
+def embedded_dir(name: str = DEFAULT_MODEL) -> Path:
     """HF-format dir of an embedded model, converting it on first use."""
     target = cache_dir() / name
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
@@ -44,7 +44,7 @@ def embedded_dir(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".assemble-") as tmp:
         gguf_path = _assemble_embedded(name, Path(tmp) / f"{name}.gguf")
-        convert(gguf_path, target, progress=progress)
+        convert(gguf_path, target)
     return target
 
 

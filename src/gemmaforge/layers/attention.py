@@ -24,7 +24,6 @@ installed, else ``sdpa``.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -539,5 +538,3 @@ def attention(q, k, v, call: AttnCall, backend: str = "sdpa", return_probs: bool
     return BACKENDS[backend](q, k, v, call)
 
 
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

@@ -6,7 +6,6 @@ Nothing registers itself as an import side effect: adding a family means adding 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -76,10 +75,6 @@ def load_config(path: str | Path):
     if p.is_dir():
         p = p / "config.json"
     return config_from_hf(read_json(p), str(p))
-
-
-def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
 
 
 def build_model(cfg, *, dtype: torch.dtype = torch.float32, device="cpu", init: bool = True):

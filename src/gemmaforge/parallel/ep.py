@@ -33,7 +33,7 @@ class ExpertParallelExperts(nn.Module):
             raise ValueError(f"num_experts ({E}) is not divisible by the expert-parallel group size ({self.world})")
         self.num_experts = E
         self.local = E // self.world
-        self.first_expert = lo = self.rank * self.local
+        lo = self.rank * self.local
         self.intermediate = inner.intermediate
         self.impl, self.pad_tolerance = inner.impl, inner.pad_tolerance
         gu = inner.gate_up_proj.detach()[lo:lo + self.local].clone()

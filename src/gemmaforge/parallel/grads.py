@@ -55,29 +55,3 @@ def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0, group=None
     return acc if inf else acc.pow(1.0 / norm_type)
 
 
-@torch.no_grad()
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0, group=None,
-                    extra_owner_factor=None) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for any mix of DTensor (TP, FSDP, both) and plain grads."""
-    params = [p for p in params if p.grad is not None]
-    total = grad_norm(params, norm_type, group, extra_owner_factor)
-    coef = float(max_norm) / (float(total) + 1e-6)
-    if coef < 1.0:
-        for p in params:
-            local(p.grad).mul_(coef)
-    return total.float()
-
-
-@torch.no_grad()
-def grads_finite(params: Iterable[torch.Tensor], group=None) -> bool:
-    """Every rank's gradients are finite (one all-reduce)."""
-    bad = torch.zeros(())
-    for p in params:
-        if p.grad is not None:
-            g = local(p.grad)
-            if g.numel() and not bool(torch.isfinite(g).all()):
-                bad = torch.ones(())
-                break
-    if dist.is_initialized():
-        dist.all_reduce(bad, group=group)
-    return float(bad) == 0.0

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
-from .dims import PP_SCHEDULES, LayoutError, ParallelState, mesh_dims, pipeline_schedule_name, pipeline_stage
+from .dims import LayoutError, ParallelState, mesh_dims, pipeline_schedule_name, pipeline_stage
 from .grads import local
 from .init import retie
 
@@ -133,8 +133,6 @@ class Pipeline:
     Schedules: ``"GPipe"`` (all forwards, then all backwards) and ``"1F1B"`` (one forward, one
     backward: at most ``pp`` micro-batches of activations alive; needs ``n_microbatches >= pp``).
     """
-
-    SCHEDULES = PP_SCHEDULES
 
     def __init__(self, model: nn.Module, mesh, schedule: str = "1F1B", n_microbatches: int = 1):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe

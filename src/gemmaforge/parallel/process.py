@@ -81,11 +81,6 @@ def init_distributed(backend: str | None = None, device_type: str | None = None,
     return dist.get_rank(), dist.get_world_size()
 
 
-def destroy_distributed() -> None:
-    if is_distributed():
-        dist.destroy_process_group()
-
-
 def free_port() -> int:
     """A TCP port that was free a moment ago on localhost (for MASTER_PORT)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -163,23 +158,6 @@ def all_reduce_sum(value, group=None):
     dist.all_reduce(t, group=group)
     out = t.item()
     return int(round(out)) if isinstance(value, int) else out
-
-
-def all_reduce_max(value: float, group=None) -> float:
-    if not is_distributed() or get_world_size(group) == 1:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.item()
-
-
-def all_true(flag: bool, group=None) -> bool:
-    """Logical AND over ranks (e.g. 'every rank's gradients are finite')."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0])
-    dist.all_reduce(t, group=group)
-    return t.item() == 0.0
 
 
 # ----------------------------------------------------------------------------- data

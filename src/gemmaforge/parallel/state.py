@@ -1,13 +1,10 @@
-"""Whole (unsharded) state dicts of a parallel model, and its HF export."""
+"""Whole (unsharded) state dicts of a parallel model (the trainer exports them as one HF model)."""
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..formats.hf import load_into, save_hf
-from ..models.registry import build_model
 from .dims import parallel_state, pipeline_stage
 
 
@@ -38,14 +35,3 @@ def full_state_dict(model: nn.Module) -> dict:
     return merged
 
 
-def export_hf(model: nn.Module, dst, tokenizer=None, dtype: torch.dtype | None = None):
-    """Write one HF-format model directory from a sharded model (rank 0 writes; collective)."""
-    sd = full_state_dict(model)
-    out = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        plain = build_model(model.config, device="meta")
-        load_into(plain, dict(sd), "sharded model", dtype=dtype or next(iter(sd.values())).dtype)
-        out = save_hf(plain, dst, tokenizer=tokenizer)
-    if dist.is_initialized():
-        dist.barrier()
-    return out

@@ -1,7 +1,7 @@
 """Per-token log-probs of packed rows (for RL / evaluation) and policy-gradient losses.
 
     import gemmaforge
-    from gemmaforge.score import score, pack_rollouts, policy_loss, grpo_advantages
+    from gemmaforge.rl.score import score, pack_rollouts, policy_loss, grpo_advantages
 
     out = score(model, ids, cu_seqlens=cu, return_entropy=True)   # ScoreOutput
     out.logprobs[t]   # log p(ids[t+1] | the document's tokens up to t), fp32, differentiable
@@ -22,7 +22,7 @@ the ``[T, vocab]`` logits never exist, in the forward or the backward pass. Fina
 soft-capping (the head's ``softcap``) is applied before ``/ temperature``, as the
 model's own logits and HF sampling do.
 
-Parallel layouts (``gemmaforge.transforms.parallel.parallelize``): ``score`` works unchanged on an
+Parallel layouts (``gemmaforge.parallel.parallelize.parallelize``): ``score`` works unchanged on an
 FSDP2- and/or TP-sharded model (tests/test_distributed.py checks both against one process, values
 and gradients). Under FSDP2 each data-parallel rank scores its OWN rows and the gradients are
 SUMMED over those ranks (``parallelize`` sets FSDP's divide factor to 1), so a policy loss should

@@ -49,8 +49,6 @@ from torch import nn
 
 from ..parallel.grads import grad_norm, local
 
-PHASES = ("parameter", "input", "forward", "loss", "backward", "parameter-grad")
-
 
 # ----------------------------------------------------------------------------- cheap check
 
@@ -124,7 +122,7 @@ def clip_grads_(params, max_norm: float, total_norm: torch.Tensor) -> None:
 
 @dataclass
 class NonFiniteReport:
-    phase: str  # one of PHASES
+    phase: str  # parameter, input, forward, loss, backward or parameter-grad
     where: str  # module name, parameter name, "loss" or "input"
     kind: str  # "nan", "inf" or "nan+inf"
     count: int  # non-finite elements in the offending tensor(s)

@@ -35,7 +35,6 @@ class Gemma3Config:
     bos_token_id: int = 2
     hidden_activation: str = "gelu_pytorch_tanh"
 
-    family = "gemma3"
     model_type = "gemma3_text"
     architecture = "Gemma3ForCausalLM"
 

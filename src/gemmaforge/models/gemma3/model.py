@@ -1,6 +1,6 @@
 """Gemma 3 text decoder (``Gemma3ForCausalLM`` semantics), written for one device.
 
-Numerics that matter (see shared/reference/gemma-architecture.md):
+Numerics that matter (as transformers 5.23's ``Gemma3TextModel`` computes them):
 - embeddings are scaled by sqrt(hidden) with the scale cast to the weight dtype first
   (bf16: sqrt(640) = 25.30 becomes 25.25); the LM head is tied to the *unscaled* weight;
 - every norm is ``rms(x) * (1 + w)`` in fp32; sandwich norms around attention and MLP;

@@ -1,6 +1,6 @@
 """Gemma 4 text decoder config (``Gemma4TextConfig``; the text part of ``Gemma4Config``).
 
-What differs from Gemma 3 (see shared/reference/gemma-architecture.md, Gemma 4 section):
+What differs from Gemma 3 (as transformers 5.23's ``Gemma4TextConfig`` defines it):
 - per-layer shapes: full layers use ``global_head_dim`` and, only with ``attention_k_eq_v``,
   ``num_global_key_value_heads`` (transformers 5.23 writes these as ``per_layer_config``);
 - KV sharing: layers ``>= L - num_kv_shared_layers`` reuse the K/V of the last non-shared layer
@@ -72,7 +72,6 @@ class Gemma4Config:
     # as the pad token (main and per-layer embeddings) before splicing encoder features in
     mm_token_ids: list[int] = field(default_factory=list)
 
-    family = "gemma4"
     model_type = "gemma4_text"
     architecture = "Gemma4ForCausalLM"
 

@@ -1,6 +1,6 @@
 """Gemma 4 text decoder (``Gemma4ForCausalLM`` / the text part of ``Gemma4ForConditionalGeneration``).
 
-Numerics that matter (see shared/reference/gemma-architecture.md, Gemma 4 section):
+Numerics that matter (as transformers 5.23's ``Gemma4TextModel`` computes them):
 - every norm is ``rms(x) * w`` in fp32 (identity = 1, NOT Gemma 3's 1+w); V gets a norm without
   weight; attention scale is 1.0 (q_norm/k_norm carry the scale);
 - per-layer shapes: full layers have ``global_head_dim`` and, with ``attention_k_eq_v``, no
@@ -107,7 +107,7 @@ class Gemma4DecoderLayer(nn.Module):
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.layer_idx = layer_idx
         self.self_attn = Gemma4Attention(cfg, layer_idx)
-        # a KV-sharing reuse layer computes no keys/values: no k/v hook points (transforms/hooks.py)
+        # a KV-sharing reuse layer computes no keys/values: no k/v hook points (models/common/hooks.py)
         self.absent_hook_points = frozenset({"attn.hook_k", "attn.hook_v", "attn.hook_rot_k"}) \
             if cfg.kv_sharing_modes[layer_idx] == SHARE_REUSE else frozenset()
         self.mlp = GatedMLP(h, cfg.mlp_size(layer_idx), cfg.hidden_activation)  # double-wide on reuse layers

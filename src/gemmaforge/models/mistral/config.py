@@ -30,7 +30,6 @@ class MistralConfig:
     hidden_activation: str = "silu"
     final_logit_softcapping = None
 
-    family = "mistral"
     model_type = "mistral"
     architecture = "MistralForCausalLM"
 
