@@ -208,5 +208,5 @@ def parallel_state(model: nn.Module) -> ParallelState | None:
 
 def pipeline_stage(model: nn.Module):
     """The ``pp.StageInfo`` of a model cut down to one pipeline stage, else None."""
-    st = model.transforms.parallel
+    st = getattr(getattr(model, "transforms", None), "parallel", None)
     return None if st is None else st.stage

@@ -30,6 +30,7 @@ a bad or incompatible checkpoint raises one ``CheckpointError`` line and changes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,8 +59,20 @@ _STALE_RE = re.compile(r"^\.step-\d+\.(tmp-|del-)")
 
 # ----------------------------------------------------------------------------- small helpers
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it assumes one process when no process group exists: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _distributed() else 0
 
 
 def _barrier() -> None:
@@ -217,7 +231,9 @@ def save_train_state(run_dir: str | os.PathLike, step: int, *, model: torch.nn.M
         _remove_stale(root)
         tmp = tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=root)
     tmp = Path(_from_rank0(tmp))
-    dcp.save(_dcp_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+    with _single_process_quiet():
+        dcp.save(_dcp_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
+                 no_dist=not _distributed())
     torch.save(_rng_state(), tmp / f"rng-rank{_rank()}.pt")
     _fsync_file(tmp / f"rng-rank{_rank()}.pt")
     _barrier()
@@ -478,7 +494,8 @@ def load_train_state(ckpt_dir: str | os.PathLike, *, model: torch.nn.Module, opt
 
     state = _dcp_state(model, optimizer)
     try:
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)))
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=not _distributed())
     except Exception as e:  # noqa: BLE001 - DCP's planner errors: one line
         raise CheckpointError(f"{ckpt}: cannot load ({_first_line(e)[:300]})") from None
     # strict=False: a tied head is saved once, as the embedding (loading that fills both)
