@@ -465,3 +465,14 @@ def test_fold_refuses_lora_and_leaves_the_model_as_it_was(tiny):
     with pytest.raises(InputError, match="merge LoRA adapters first"):
         interp.fold_norm_weights(model)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_direct_logit_attribution_refuses_what_it_cannot_decompose():
+    """Gemma 4 with per-layer inputs adds to the residual outside attention and the MLP: one clear
+    line instead of components that do not sum to the logit; the MoE preset (experts inside the MLP
+    output) decomposes exactly."""
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with pytest.raises(InputError, match="layer 0 changes the residual outside attention and the MLP"):
+        interp.direct_logit_attribution(from_config("gemma-4-tiny-e2b", seed=0), ids, 3)
+    d = interp.direct_logit_attribution(from_config("gemma-4-tiny-moe", seed=0), ids, 3)
+    assert abs(d["total"] - d["logit"]) <= 1e-5 * max(1.0, abs(d["logit"]))

@@ -93,6 +93,11 @@ def direct_logit_attribution(model, input_ids, target_id: int, position: int = -
         raise InputError(f"target id {target_id} is outside the vocabulary (0..{V - 1})")
     pos = position % S
     layers = _layers(model)
+    extra = [i for i, lay in enumerate(layers) if getattr(lay, "ple", 0)
+             or ("layer_scalar" in dict(lay.named_buffers()) and not bool((lay.layer_scalar == 1).all()))]
+    if extra:
+        raise InputError(f"direct_logit_attribution: layer {extra[0]} changes the residual outside attention and "
+                         f"the MLP (per-layer inputs or a layer scale), which this decomposition does not attribute")
     sandwich = _sandwich(layers[0])
     attn_name, mlp_name = ("ln1_post", "ln2_post") if sandwich else ("attn_out", "mlp_out")
     names = ["hook_embed", "ln_final.hook_normalized"]
