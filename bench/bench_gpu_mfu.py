@@ -3,9 +3,11 @@
     python bench/bench_gpu_mfu.py [--preset gemma-3-1b] [--seq 4096] [--docs 4] [--steps 10] [--rows 1]
                                   [--configs sdpa,flash,flex,sdpa+compile,flash+compile,flex+compile] [--json out.json]
 
-One optimizer step = the Trainer's step: packed forward (``cu_seqlens``) under bf16 autocast with
-fp32 master weights, chunked linear+cross-entropy over the tied head (bf16 operands, fp32 results),
-backward, fused AdamW. Each config runs in its own process (a compile that stalls cannot take
+One optimizer step = the Trainer's step, through its functions: ``train.step.forward_backward``
+(packed forward with ``cu_seqlens`` under bf16 autocast with fp32 master weights, ``CausalLMLoss``:
+chunked linear+cross-entropy over the tied head in ``--loss-chunk`` token chunks, bf16 operands,
+fp32 results; backward), the health check and clipping (``grad_norm_and_finite``, ``clip_grads_``)
+and the fused AdamW of ``train.optim.build_optimizer``. Each config runs in its own process (a compile that stalls cannot take
 the others down); each reports the median of ``--steps`` timed steps after 3 warm-up steps.
 
 Backends: ``sdpa`` attends a packed row document by document (sliding layers with a dense window
@@ -54,12 +56,16 @@ def doc_lengths(seq: int, docs: int) -> list[int]:
 
 
 def worker(preset: str, seq: int, docs: int, steps: int, config: str, profile: str | None = None,
-           rows: int = 1) -> dict:
+           rows: int = 1, loss_chunk: int = 1024) -> dict:
+    import math
+
     import torch
 
     import gemmaforge
-    from gemmaforge.ops.head_loss import chunked_cross_entropy
-    from gemmaforge.train.optim import param_groups
+    from gemmaforge import cpu_policy
+    from gemmaforge.train import CausalLMLoss, StepLayout, TrainConfig, forward_backward
+    from gemmaforge.train.health import clip_grads_, grad_norm_and_finite
+    from gemmaforge.train.optim import build_optimizer
 
     torch.set_float32_matmul_precision("high")  # fp32 matmuls (the LM-head loss) on TF32 tensor cores
     backend, _, comp = config.partition("+")
@@ -74,23 +80,33 @@ def worker(preset: str, seq: int, docs: int, steps: int, config: str, profile: s
         from gemmaforge.parallel.compile import compile_blocks
 
         compile_blocks(model)
+    cpu_policy.for_training(model)  # as the Trainer does (None on CUDA: nothing applied)
     cfg = model.config
     lens = doc_lengths(seq, docs) * rows  # ``rows`` packed rows of ``seq`` tokens, laid end to end
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device=dev)
     ids = torch.randint(10, cfg.vocab_size, (1, seq * rows), device=dev)
-    labels = ids[0].roll(-1).clone()
-    labels[cu[1:] - 1] = -100  # no label across a document boundary
-    opt = torch.optim.AdamW(param_groups(model, 0.0, False), lr=1e-5, fused=True)
+    labels = ids.roll(-1, dims=1).clone()
+    labels[0, cu[1:].long() - 1] = -100  # no label across a document boundary (pre-shifted, as packing's)
+    batches = [{"input_ids": ids, "labels": labels, "cu_seqlens": cu}]
+    tcfg = TrainConfig(lr=1e-5)
+    opt = build_optimizer(model, tcfg)  # fused AdamW
+    params = [p for p in model.parameters() if p.requires_grad]
+    objective = CausalLMLoss(chunk_size=loss_chunk)
+    layout = StepLayout.of(model)
+    autocast = torch.bfloat16 if dev.type == "cuda" else None
 
     def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            h = model(ids, cu_seqlens=cu, return_hidden=True)[0]
-            loss = chunked_cross_entropy(h, model.lm_head.weight, labels, reduction="mean", chunk_size=1024,
-                                         softcap=cfg.final_logit_softcapping)
-        loss.backward()
-        opt.step()
+        """The Trainer's step (``Trainer.train_step``): forward_backward under bf16 autocast, the
+        health check (global norm, finite), clipping, AdamW, zero_grad."""
+        res = forward_backward(model, batches, objective, layout, autocast=autocast)
+        gn, finite = grad_norm_and_finite(params, layout.owner_factor()) if math.isfinite(res.loss) \
+            else (None, False)
+        if finite and math.isfinite(res.loss):
+            if tcfg.clip > 0 and gn is not None:
+                clip_grads_(params, tcfg.clip, gn)
+            opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return res.loss
 
     t0 = time.perf_counter()
     losses = [float(step()) for _ in range(3)]
@@ -119,7 +135,7 @@ def worker(preset: str, seq: int, docs: int, steps: int, config: str, profile: s
     fl = model_flops(cfg, lens)
     st = statistics.median(times)
     return {"config": config, "device": name, "torch": torch.__version__, "preset": preset, "seq": seq,
-            "rows": rows, "doc_lens": lens, "step_s": st, "tokens_per_s": seq * rows / st, "tflops": fl / st / 1e12,
+            "rows": rows, "loss_chunk": loss_chunk, "doc_lens": lens, "step_s": st, "tokens_per_s": seq * rows / st, "tflops": fl / st / 1e12,
             "mfu": fl / st / peak if peak else None, "warmup_s": warm, "losses": losses,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0, "model_tflop_per_step": fl / 1e12}
 
@@ -136,14 +152,17 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None)
     ap.add_argument("--profile", default=None, help="write a per-kernel profile of one step to PREFIX.CONFIG.txt")
+    ap.add_argument("--loss-chunk", type=int, default=1024,
+                    help="tokens per LM-head loss chunk (CausalLMLoss; the Trainer's --loss-chunk-size)")
     a = ap.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.preset, a.seq, a.docs, a.steps, a.worker, a.profile, a.rows)), flush=True)
+        print(json.dumps(worker(a.preset, a.seq, a.docs, a.steps, a.worker, a.profile, a.rows, a.loss_chunk)),
+              flush=True)
         return
     results = []
     for c in a.configs.split(","):
         cmd = [sys.executable, __file__, "--worker", c, "--preset", a.preset, "--seq", str(a.seq), "--docs",
-               str(a.docs), "--steps", str(a.steps), "--rows", str(a.rows)] + (["--profile", a.profile] if a.profile else [])
+               str(a.docs), "--steps", str(a.steps), "--rows", str(a.rows), "--loss-chunk", str(a.loss_chunk)] + (["--profile", a.profile] if a.profile else [])
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
             if out.returncode:

@@ -5,8 +5,9 @@
 Each path runs in a fresh subprocess (``torch.set_num_threads(2)``, ``torch.no_grad``, fp32 CPU):
 
 * ``naive``: ``model(ids, cu_seqlens=cu)`` -> ``[T, V]`` logits (soft-capped if the config says so),
-  ``log_softmax``, ``gather`` at the next tokens -- what one writes without gemmaforge.score.
-* ``chunked``: ``gemmaforge.score.score(model, ids, cu)`` (LM head in ``--chunk-size`` chunks).
+  ``log_softmax``, ``gather`` at the next tokens -- what one writes without gemmaforge.rl.score.
+* ``chunked``: ``gemmaforge.rl.score.score(model, ids, cu)`` (the LM head's chunked ``logprobs``, in
+  ``--chunk-size`` chunks).
 * ``chunked+entropy``: the same with ``return_entropy=True`` (what ``gemmaforge score`` computes).
 
 Memory: ``ru_maxrss`` of the whole worker (model load included) and the peak of the scoring
@@ -100,11 +101,8 @@ def worker(mode: str, tokens: int, chunk: int, repeats: int) -> dict:
                 # score() runs the same body forward then the chunked head; time the two apart
                 hidden = model(ids, cu_seqlens=cu, return_hidden=True)
                 tb = time.perf_counter()
-                from gemmaforge.ops.head_loss import chunked_logprobs
-
-                out = chunked_logprobs(hidden, model.lm_head.weight, tgt,
-                                       softcap=model.config.final_logit_softcapping, chunk_size=chunk,
-                                       return_entropy=mode == "chunked+entropy")
+                out = model.lm_head.logprobs(hidden, tgt, chunk_size=chunk,
+                                             return_entropy=mode == "chunked+entropy")
                 result = out[0] if isinstance(out, tuple) else out
             te = time.perf_counter()
             times.append(te - t)
@@ -128,7 +126,7 @@ def worker(mode: str, tokens: int, chunk: int, repeats: int) -> dict:
         "time_s": min(times), "times_s": times, "body_s": min(body_times), "head_s": min(head_times),
         "score_call_s": score_s, "score_vs_split_max_abs": agree,
         "softcap": model.config.final_logit_softcapping, "vocab": V,
-        "head_weight_mib": model.lm_head.weight.numel() * 4 / 2**20,
+        "head_weight_mib": model.lm_head.matrix().numel() * 4 / 2**20,
         "params_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
         "checksum": float(result[:-1].double().sum()),
     }
