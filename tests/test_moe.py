@@ -183,6 +183,7 @@ _EP_WORKER = textwrap.dedent('''
     torch.save({"y": y.detach(), "dx": xs.grad, "g_router": g_router,
                 "g_gate_up": holder.experts.gate_up_proj.grad, "g_down": holder.experts.down_proj.grad},
                f"{tmp}/rank{rank}.pt")
+    dist.barrier()  # both ranks done before either tears gloo down
     dist.destroy_process_group()
 ''')
 

@@ -100,6 +100,7 @@ def _launch_entry(rank: int, world: int, port: int, threads: int, fn, args, outd
         with open(path + ".tmp", "wb") as f:
             pickle.dump(("ok", out), f)
         os.replace(path + ".tmp", path)
+        dist.barrier()  # every rank done before any tears gloo down (a rank leaving early aborts the others)
     except BaseException as e:  # report, then let the other ranks' collectives time out / fail
         with open(path, "wb") as f:
             pickle.dump(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"), f)
