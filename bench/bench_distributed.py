@@ -1,27 +1,42 @@
-"""Per-layout training step time and memory per rank (CPU, gloo, one thread per process).
+"""Per-layout memory and step time of the production Trainer (CPU, gloo, one thread per process).
 
-    .venv/bin/python bench/bench_distributed.py                       # tiny model, every layout
-    .venv/bin/python bench/bench_distributed.py --model gemma-3-270m --layouts single,dp_shard=2,tp=2 \
-        --seq-len 128 --steps 2
-    ... --out bench/results/distributed.md --append
+    # issue A: whole-process peak RSS of an FSDP2 x2 rank vs one process, real Gemma 3 270M, seq 512
+    .venv/bin/python bench/bench_distributed.py --model gemma-3-270m --layouts single,dp_shard=2 \\
+        --seq-len 512 --steps 3
+    # every layout on the tiny model
+    .venv/bin/python bench/bench_distributed.py
+    ... --out bench/results/distributed.md (appends the markdown) --json results.json
 
-For each layout the processes build the model on the meta device, parallelize it, materialise it
-(``materialize(seed=0)``: identical weights in every layout), and run warm-up + timed AdamW steps
-on packed rows (the trainer's loss: chunked cross-entropy sum / global valid tokens). Reported per
-rank: median step time, the bytes of parameters + gradients + AdamW state this rank holds (local
-shards, the number FSDP is meant to cut), and the process's peak RSS (``ru_maxrss``, includes the
-~0.3 GB of the Python/torch runtime and transient all-gathered parameters).
+Each layout runs in fresh processes (``single``: one spawned process without a process group;
+otherwise ``gemmaforge.parallel.process.launch``), one after the other, never at once. Every process
+builds ``gemmaforge.train.Trainer`` as a user would: ``single`` loads the model itself and gets the
+CPU training policy (``cpu_policy.for_training``: kept head-gradient buffer, lean tied embedding,
+heap trims); a layout passes ``dims=ParallelDims(...)``, rank 0 loads the model
+(``gemmaforge.from_pretrained``'s loader; ``gemma-3-270m`` is the embedded real model, other names
+are presets with random weights) and the Trainer shards it (``parallelize`` + ``materialize``). Then
+``--steps`` calls of ``Trainer.train_step`` (the production step: forward, loss, backward, gradient
+norm, clipping, AdamW, schedule) on packed rows of random tokens: every data-parallel rank runs one
+``--seq-len`` row per step (``--rows-per-rank``), so each process does the same work per step in every
+layout. No evaluation, checkpoint or export.
 
-No GPU: every number here is CPU/gloo. Step times on a 2-core machine shared with other jobs
-measure overheads, not throughput; the MFU goal needs a GPU run.
+Reported per layout: the largest rank's whole-process peak RSS (``ru_maxrss``: everything the process
+did, model loading included), the peak when the Trainer was built, the bytes of parameters + AdamW
+state the rank holds (local shards), and the median step time. ``--compare`` names the layout whose
+largest rank is divided by ``single``'s peak (the issue-A ratio), printed as one line at the end.
+
+No GPU: every number is CPU/gloo; step times on a shared 2-core machine measure overheads, not
+throughput.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,12 +58,17 @@ def parse_layout(s: str) -> dict:
 
 def layout_world(layout: dict) -> int:
     n = 1
-    for v in layout.values():
-        n *= v
+    for k, v in layout.items():
+        if k != "ep":
+            n *= v
     return n
 
 
-def _bytes(tensors) -> int:
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _local_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
         if t is None:
@@ -62,139 +82,188 @@ def _bytes(tensors) -> int:
     return total
 
 
-def _rows(seq_len: int, n_rows: int, vocab: int, seed: int = 0):
+def _documents(n_tokens: int, vocab: int, seed: int = 0):
+    """Random-token documents (8..600 tokens) totalling ``n_tokens``."""
     from gemmaforge.data import Document
-    from gemmaforge.data.packing import pack_documents
 
     g = torch.Generator().manual_seed(seed)
     docs, total = [], 0
-    while total < seq_len * n_rows + seq_len:
-        n = int(torch.randint(8, max(9, seq_len), (1,), generator=g))
-        docs.append(Document(torch.randint(1, vocab, (n,), generator=g).tolist()))
+    while total < n_tokens:
+        n = int(torch.randint(8, 600, (1,), generator=g))
+        docs.append(Document(torch.randint(4, vocab, (n,), generator=g).tolist()))
         total += n
-    return pack_documents(docs, seq_len, strategy="greedy")[:n_rows]
+    return docs
 
 
-def worker(rank: int, world: int, model_name: str, layout: dict, seq_len: int, rows_per_step: int, steps: int,
-           warmup: int, schedule: str):
+def _vocab(model_name: str) -> int:
+    if model_name == "gemma-3-270m":
+        return 262_144
     import gemmaforge
-    from gemmaforge.data import collate_rows
-    from gemmaforge.parallel.process import all_reduce_sum, shard_items
-    from gemmaforge.ops.head_loss import chunked_cross_entropy
-    from gemmaforge.parallel.cp import ContextParallel
-    from gemmaforge.parallel.dims import ParallelConfig, ParallelDims
-    from gemmaforge.parallel.grads import clip_grad_norm_
-    from gemmaforge.parallel.init import build_meta_model, materialize
-    from gemmaforge.parallel.parallelize import parallelize
-    from gemmaforge.parallel.pp import Pipeline, row_segments
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    cfg = gemmaforge.preset(model_name)
-    dims = ParallelDims(**(layout or {"dp_shard": 1})).validate(world, cfg, seq_len)
-    mesh = dims.build_mesh("cpu")
-    model = build_meta_model(cfg)
-    pipe = None
-    if dims.pp > 1:
-        pipe = Pipeline(model, mesh, schedule, n_microbatches=rows_per_step // dims.dp_shard, chunk_size=512)
-        model = pipe.module
-    parallelize(model, mesh, ParallelConfig())
-    materialize(model, "cpu", seed=0)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
-    cp = ContextParallel(mesh["cp"]) if dims.cp > 1 else None
-    dp_mesh = mesh["dp_shard"]
-    rows = _rows(seq_len, rows_per_step * (steps + warmup), cfg.vocab_size)
+    return gemmaforge.preset(model_name).vocab_size
+
+
+def _load(model_name: str):
+    """The model as the Trainer would load it: ``gemma-3-270m`` from the embedded checkpoint (real
+    weights), a preset name with random weights."""
+    import gemmaforge
+
+    if model_name == "gemma-3-270m":
+        from gemmaforge.formats.convert import load_any
+        from gemmaforge.formats.resolve import resolve
+
+        model, _ = load_any(resolve(model_name), dtype=torch.float32, device="cpu", with_tokenizer=False)
+        return model
+    return gemmaforge.from_config(gemmaforge.preset(model_name), seed=0)
+
+
+class _Tok:
+    """The Trainer only needs ``eos_id`` and ``save`` (no export runs here)."""
+
+    bos_id, eos_id, pad_id = 2, 1, 0
+
+    def save(self, d):
+        pass
+
+
+def worker(rank: int, world: int, model_name: str, layout: dict, seq_len: int, rows_per_rank: int, steps: int,
+           out_dir: str):
+    from gemmaforge.parallel.dims import ParallelDims
+    from gemmaforge.train import TrainConfig, Trainer
+
+    torch.set_num_threads(1)
+    base = _peak_bytes()
+    dims = ParallelDims(**layout) if layout else None
+    dp = (layout.get("dp_shard", 1) if layout else 1) or 1
+    rows = rows_per_rank * max(dp, 1)
+    if layout.get("pp", 1) > 1:
+        rows = max(rows, layout["pp"] * max(dp, 1))  # 1F1B: at least pp micro-batches per pipeline
+    cfg = TrainConfig(model=model_name, out=f"{out_dir}/rank{rank}", steps=steps, lr=1e-5, seq_len=seq_len,
+                      batch_tokens=rows * seq_len, micro_batch_rows=1, eval_every=0, save_every=0, progress=False,
+                      warmup_steps=1, val_fraction=0.0)
+    docs = _documents(seq_len * rows * (steps + 1), _vocab(model_name))
+    model = _load(model_name) if rank == 0 or dims is None else None
+    tr = Trainer(cfg, model=model, tokenizer=_Tok(), train_docs=docs, val_docs=[], log=lambda m: None, dims=dims)
+    del model
+    built = _peak_bytes()
     times = []
-    for s in range(steps + warmup):
-        step_rows = shard_items(rows[s * rows_per_step:(s + 1) * rows_per_step], dp_mesh.get_local_rank(),
-                                dims.dp_shard)
-        batches = [collate_rows([r]) for r in step_rows]
-        n_valid = all_reduce_sum(sum(b["num_valid_labels"] for b in batches), dp_mesh.get_group())
-        torch.distributed.barrier()
+    for _ in range(steps):
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
         t0 = time.perf_counter()
-        if pipe is not None:
-            ids = torch.stack([r.input_ids for r in step_rows])
-            labels = torch.stack([r.labels for r in step_rows])
-            doc = torch.cat([row_segments(r.cu_seqlens, r.seq_len) for r in step_rows])
-            pipe.step(ids, doc, labels, n_valid)
-            pipe.sync_tied_grads()
-            clip_grad_norm_(params, 1.0, extra_owner_factor=pipe.owner_factor)
-        else:
-            for b in batches:
-                if cp is not None:
-                    loss = cp.loss_sum(model, b, chunk_size=512)
-                else:
-                    h = model(b["input_ids"], cu_seqlens=b["cu_seqlens"], return_hidden=True)
-                    loss = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), model.lm_head.weight,
-                                                 b["labels"].reshape(-1), chunk_size=512, reduction="sum")
-                (loss / n_valid).backward()
-            clip_grad_norm_(params, 1.0)
-        opt.step()
-        state_bytes = {
-            "params": _bytes(params),
-            "grads": _bytes(p.grad for p in params),
-            "optimizer": _bytes(v for st in opt.state.values() for v in st.values()
-                                if isinstance(v, torch.Tensor) and v.dim() > 0),
-        }
-        opt.zero_grad(set_to_none=True)
-        torch.distributed.barrier()
-        if s >= warmup:
-            times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"rank": rank, "step_s": statistics.median(times), "state_bytes": state_bytes,
-            "peak_rss_mb": peak / 1024, "base_rss_mb": base_rss / 1024,
-            "tokens_per_step": rows_per_step * seq_len}
+        row = tr.train_step()
+        times.append(time.perf_counter() - t0)
+        assert not row.get("skipped"), row
+    state = _local_bytes(list(tr.model.parameters())) + _local_bytes(
+        v for st in tr.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    tables = {n: type(m).__name__ for n, m in (("embed_tokens", tr.model.model.embed_tokens),
+                                                ("lm_head", tr.model.lm_head)) if m is not None}
+    return {"rank": rank, "peak_bytes": _peak_bytes(), "built_peak_bytes": built, "base_bytes": base,
+            "state_bytes": state, "step_s": statistics.median(times[1:] or times), "loss": row["loss"],
+            "tables": tables}
 
 
-def run(model_name: str, layout_s: str, args) -> list[dict]:
+def _single_entry(q, args):
+    try:
+        q.put(("ok", worker(0, 1, *args)))
+    except BaseException as e:  # report to the parent
+        import traceback
+
+        q.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def run_single(args: tuple) -> list[dict]:
+    """One spawned process, no process group (the plain single-process Trainer)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_single_entry, args=(q, args))
+    p.start()
+    status, out = q.get()
+    p.join()
+    if status != "ok":
+        raise RuntimeError(out)
+    return [out]
+
+
+def run(model_name: str, layout_s: str, args, out_dir: str) -> list[dict]:
     from gemmaforge.parallel.process import launch
 
     layout = parse_layout(layout_s)
-    world = layout_world(layout)
-    return launch(worker, world, model_name, layout, args.seq_len, args.rows, args.steps, args.warmup,
-                  args.schedule)
+    wargs = (model_name, layout, args.seq_len, args.rows_per_rank, args.steps, f"{out_dir}/{layout_s}")
+    if not layout:
+        return run_single(wargs)
+    return launch(worker, layout_world(layout), *wargs, threads=1)
+
+
+def machine() -> str:
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True)
+                   .stdout.splitlines() if l.startswith("Model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "?"
+    import os
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"CPU {cpu} ({os.cpu_count()} cores visible), torch.backends.cpu.get_cpu_capability() = "
+            f"{torch.backends.cpu.get_cpu_capability()}, {mem:.0f} GiB RAM, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def table(model_name: str, results: dict, args) -> str:
+    gb = 1e9
     single = results.get("single")
-    ref = single[0]["state_bytes"] if single else None
-    ref_total = ref["params"] + ref["optimizer"] if ref else None
-    lines = [f"### {model_name}: seq_len {args.seq_len}, {args.rows} rows/step, "
-             f"{args.steps} timed steps after {args.warmup} warm-up, 1 thread per rank",
+    ref = single[0]["peak_bytes"] if single else None
+    lines = [f"### {model_name}: seq_len {args.seq_len}, {args.rows_per_rank} row(s) per data-parallel rank per step, "
+             f"{args.steps} Trainer steps, 1 thread per process",
              "",
-             "| layout | ranks | step (s, median, max over ranks) | params+optim state / rank (MB, max) "
-             "| vs 1 process | +grads (MB) | peak RSS / rank (MB, max) |",
-             "|---|---|---|---|---|---|---|"]
+             "| layout | ranks | tables (embed / head) | peak RSS, largest rank (GB) | vs 1 process "
+             "| peak RSS per rank (GB) | peak when built (GB) | params + AdamW state / rank (GB) "
+             "| step s (median, max rank) | loss (last) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
-        sb = [r["state_bytes"] for r in res]
-        po = max(s["params"] + s["optimizer"] for s in sb)
-        gr = max(s["grads"] for s in sb)
-        ratio = f"{po / ref_total:.2f}x" if ref_total else "-"
-        lines.append(f"| {name} | {len(res)} | {max(r['step_s'] for r in res):.3f} | {po / 2**20:.1f} | {ratio} "
-                     f"| {gr / 2**20:.1f} | {max(r['peak_rss_mb'] for r in res):.0f} |")
+        peak = max(r["peak_bytes"] for r in res)
+        ratio = f"**{peak / ref:.2f}x**" if ref else "-"
+        t = res[0]["tables"]
+        per_rank = ", ".join(f"{r['peak_bytes'] / gb:.2f}" for r in res)
+        lines.append(f"| {name} | {len(res)} | {t.get('embed_tokens', '-')} / {t.get('lm_head', '-')} "
+                     f"| {peak / gb:.2f} | {ratio} | {per_rank} "
+                     f"| {max(r['built_peak_bytes'] for r in res) / gb:.2f} "
+                     f"| {max(r['state_bytes'] for r in res) / gb:.2f} | {max(r['step_s'] for r in res):.2f} "
+                     f"| {res[0]['loss']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="gemma-3-tiny")
+    ap.add_argument("--model", default="gemma-3-tiny", help="gemma-3-270m (the embedded real model) or a preset")
     ap.add_argument("--layouts", default="single,dp_shard=2,tp=2,cp=2,pp=2,dp_shard=2+tp=2")
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--rows", type=int, default=4, help="packed rows per optimizer step (global)")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--schedule", default="1F1B")
-    ap.add_argument("--out", default=None, help="append the markdown table to this file")
+    ap.add_argument("--rows-per-rank", type=int, default=1, help="rows per data-parallel rank per step")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--compare", default="dp_shard=2", help="the layout whose largest rank is compared to single")
+    ap.add_argument("--out", default=None, help="append the markdown to this file")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    import tempfile
+
     results = {}
-    for lay in args.layouts.split(","):
-        t = time.time()
-        results[lay] = run(args.model, lay, args)
-        print(f"{args.model} {lay}: step {max(r['step_s'] for r in results[lay]):.3f}s "
-              f"({time.time() - t:.0f}s wall)", file=sys.stderr, flush=True)
-    md = table(args.model, results, args)
+    started = datetime.datetime.now().astimezone()
+    with tempfile.TemporaryDirectory(prefix="gf-bench-dist-") as out_dir:
+        for lay in args.layouts.split(","):
+            t = time.time()
+            results[lay] = run(args.model, lay, args, out_dir)
+            print(f"{args.model} {lay}: peak {max(r['peak_bytes'] for r in results[lay]) / 1e9:.2f} GB, step "
+                  f"{max(r['step_s'] for r in results[lay]):.2f}s ({time.time() - t:.0f}s wall)", file=sys.stderr,
+                  flush=True)
+    cmd = "python bench/bench_distributed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = f"{started:%Y-%m-%d %H:%M %Z}; {machine()}\n\n`{cmd}`\n\n" + table(args.model, results, args)
+    if "single" in results and args.compare in results:
+        s = results["single"][0]["peak_bytes"]
+        c = max(r["peak_bytes"] for r in results[args.compare])
+        md += (f"\n{args.compare}: largest rank's whole-process peak RSS {c / 1e9:.2f} GB vs one process "
+               f"{s / 1e9:.2f} GB = **{c / s:.2f}x**\n")
     print(md)
     if args.out:
         with open(args.out, "a") as f:

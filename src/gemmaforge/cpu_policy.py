@@ -379,9 +379,13 @@ class TrainingPolicy:
         self._hooks = self.trim.attach(model) if self.trim is not None else []
         head = model.lm_head
         self.head = None
+        self._trimmed_head = None
         if isinstance(head, LMHead) and _plain(head.weight):
             self.head = model.lm_head = CPUHead.sharing(head)
             self.head.buffers, self.head.trim = HeadGradBuffer(), self.trim
+        elif head is not None and hasattr(type(head), "trim"):  # a sharded head with the same trim hook
+            head.trim = self.trim
+            self._trimmed_head = head
         emb = model.model.embed_tokens
         self.embedding = None
         if (type(emb) is ScaledEmbedding and head is not None and head.weight is emb.weight
@@ -391,6 +395,8 @@ class TrainingPolicy:
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
+        if self._trimmed_head is not None:
+            self._trimmed_head.trim = None
         if self.head is not None and self.model.lm_head is self.head:
             self.model.lm_head = LMHead.sharing(self.head)
         if self.embedding is not None and self.model.model.embed_tokens is self.embedding:

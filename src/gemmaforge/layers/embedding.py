@@ -16,6 +16,11 @@ class Embedding(nn.Embedding):
         if self.weight.device.type != "meta":
             super().reset_parameters()
 
+    def table(self) -> torch.Tensor:
+        """The whole ``[vocab, dim]`` table as a plain tensor, unscaled: for code that reads the table
+        itself rather than looking rows up (a parallel layout's subclass gathers its shards here)."""
+        return self.weight
+
 
 class ScaledEmbedding(Embedding):
     """Gemma: ``embedding(ids) * scale``, the scale cast to the weight dtype first as the reference

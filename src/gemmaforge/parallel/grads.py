@@ -26,6 +26,15 @@ def _replicated_factor(t: torch.Tensor) -> int:
     return f
 
 
+_BLOCK = 1 << 22  # elements per float64 partial norm: no whole float64 copy of a large gradient
+
+
+def _norm_pow_float64(g: torch.Tensor, p: float) -> torch.Tensor:
+    """``sum |g|^p`` accumulated in float64, over blocks of the flattened tensor."""
+    flat = g.reshape(-1)
+    return sum(torch.linalg.vector_norm(b, p, dtype=torch.float64).pow(p) for b in flat.split(_BLOCK))
+
+
 @torch.no_grad()
 def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0, group=None,
               extra_owner_factor=None) -> torch.Tensor:
@@ -49,7 +58,7 @@ def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0, group=None
             f = _replicated_factor(p.grad)
             if extra_owner_factor is not None:
                 f *= extra_owner_factor(p)
-            acc = acc + g.double().norm(norm_type).pow(norm_type).cpu() / f
+            acc = acc + _norm_pow_float64(g, norm_type).cpu() / f
     if dist.is_initialized():
         dist.all_reduce(acc, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
     return acc if inf else acc.pow(1.0 / norm_type)

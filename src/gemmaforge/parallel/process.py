@@ -100,7 +100,7 @@ def _launch_entry(rank: int, world: int, port: int, threads: int, fn, args, outd
         with open(path + ".tmp", "wb") as f:
             pickle.dump(("ok", out), f)
         os.replace(path + ".tmp", path)
-        dist.barrier()  # every rank done before any tears gloo down (a rank leaving early aborts the others)
+        dist.barrier()  # every rank done before any tears gloo down
     except BaseException as e:  # report, then let the other ranks' collectives time out / fail
         with open(path, "wb") as f:
             pickle.dump(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"), f)
@@ -108,6 +108,9 @@ def _launch_entry(rank: int, world: int, port: int, threads: int, fn, args, outd
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # the result is on disk: leave now, without interpreter teardown (gloo's threads, torn down at exit,
+    # sometimes abort a process that has finished its work)
+    os._exit(0)
 
 
 def launch(fn: Callable, nprocs: int, *args, threads: int = 1) -> list:

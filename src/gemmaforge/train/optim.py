@@ -41,13 +41,15 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: fused where every parameter is a plain CPU/CUDA tensor,
-    the per-parameter loop for sharded (DTensor) ones."""
+    """AdamW over the trainable parameters: fused (one kernel over all of them, no per-parameter
+    temporaries) where they are CPU/CUDA tensors, plain or sharded over ONE device mesh; the
+    per-parameter loop where sharded parameters live on several meshes (expert parallelism's experts
+    beside FSDP's shards), which one fused call cannot mix."""
     from torch.distributed.tensor import DTensor
 
     params = [p for p in model.parameters() if p.requires_grad]
-    plain = not any(isinstance(p, DTensor) for p in params)
-    fused = plain and all(p.device.type in ("cpu", "cuda") for p in params)
+    meshes = {id(p.device_mesh) for p in params if isinstance(p, DTensor)}
+    fused = len(meshes) <= 1 and all(p.device.type in ("cpu", "cuda") for p in params)
     kw = {"fused": True} if fused else {"foreach": False}
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_norms_and_embeddings), lr=cfg.lr,
                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)

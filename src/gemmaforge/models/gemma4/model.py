@@ -220,7 +220,7 @@ class Gemma4ForCausalLM(CausalLM):
         if ids is None:
             # only embeddings were given: find their ids as the reference does (exact rows of the scaled table)
             with torch.no_grad():
-                table = self.model.embed_tokens.weight * cfg.hidden_size ** 0.5
+                table = self.model.embed_tokens.table() * cfg.hidden_size ** 0.5
                 match = (h[:, :, None, :] == table[None, None]).all(-1)  # (B, S, V)
                 found = match.any(-1)
                 if not bool(found.all()):
