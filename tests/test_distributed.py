@@ -188,6 +188,7 @@ def test_init_after_sharding_is_layout_independent():
 # ----------------------------------------------------------------------------- the trainer, every layout
 
 AC = dict(activation_checkpointing=True)
+CP_ROWS = dict(micro_batch_rows=1)
 CKPT = "{%s}/checkpoints/step-000002"
 
 TWO = {
@@ -196,10 +197,11 @@ TWO = {
     "fsdp_ac": dict(layout=dict(dp_shard=2), pcfg=AC),
     "tp": dict(layout=dict(dp_shard=1, tp=2), grads=True),
     "tp_ac": dict(layout=dict(dp_shard=1, tp=2), pcfg=AC),
-    "cp": dict(layout=dict(dp_shard=1, cp=2), grads=True),
-    "cp_ac": dict(layout=dict(dp_shard=1, cp=2), pcfg=AC, grads=True),
-    "cp_forwards": dict(layout=dict(dp_shard=1, cp=2), recompute=True),
-    "cp_ac_forwards": dict(layout=dict(dp_shard=1, cp=2), pcfg=AC, recompute=True),
+    # one row per micro-batch: each rank holds half of every row, documents cross the cut (see below)
+    "cp": dict(layout=dict(dp_shard=1, cp=2), over=CP_ROWS, grads=True),
+    "cp_ac": dict(layout=dict(dp_shard=1, cp=2), over=CP_ROWS, pcfg=AC, grads=True),
+    "cp_forwards": dict(layout=dict(dp_shard=1, cp=2), over=CP_ROWS, recompute=True),
+    "cp_ac_forwards": dict(layout=dict(dp_shard=1, cp=2), over=CP_ROWS, pcfg=AC, recompute=True),
     "pp_1f1b": dict(layout=dict(dp_shard=1, pp=2), pcfg=dict(pp_schedule="1f1b")),
     "pp_gpipe": dict(layout=dict(dp_shard=1, pp=2), pcfg=dict(pp_schedule="gpipe")),
     "pp_1f1b_ac": dict(layout=dict(dp_shard=1, pp=2), pcfg=dict(pp_schedule="1f1b", **AC)),
@@ -307,13 +309,27 @@ def test_first_step_fp32_gradients_before_clipping_equal_one_process(runs, name)
     assert_same_grads(singles["gemma3"]["grads"], _ok(results, name)["grads"])
 
 
+def test_context_parallel_runs_split_documents_across_the_shard_boundary():
+    """The premise of the CP x 2 runs: packed documents cross the middle of a row (where the two ranks'
+    shards meet), and a shard is no shorter than the sliding window, so attention reads keys of the
+    other rank."""
+    from gemmaforge.data import pack_documents
+
+    rows = pack_documents(workers.trainer_inputs()["train_docs"], workers.SEQ_LEN)
+    cut = workers.SEQ_LEN // 2
+    crossing = sum(any(s < cut < e for s, e in zip(r.cu_seqlens[:-1].tolist(), r.cu_seqlens[1:].tolist()))
+                   for r in rows)
+    assert crossing >= len(rows) // 2, (crossing, len(rows))
+    assert cut >= workers.MODELS["gemma3"][1]["sliding_window"]
+
+
 @dist_mark
 def test_context_parallel_checkpointing_really_recomputes(runs):
     """Under CP x 2 with activation checkpointing every decoder layer runs twice per micro-batch (the
     forward, then the recompute in the backward: the key exchange keeps nothing between calls, so
     checkpointing is not skipped as for a KV cache), once without; loss and gradients are the same."""
     singles, results, _ = runs
-    n_layers, micro_batches = 4, 2
+    n_layers, micro_batches = 4, 4
     assert _ok(results, "cp_forwards")["forwards"] == n_layers * micro_batches
     assert _ok(results, "cp_ac_forwards")["forwards"] == 2 * n_layers * micro_batches
     assert_same_grads(_ok(results, "cp")["grads"], _ok(results, "cp_ac")["grads"])
