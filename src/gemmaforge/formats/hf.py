@@ -162,18 +162,42 @@ def export_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def make_temp_dir(prefix: str, parent: Path) -> Path:
+    """A new hidden temp dir in ``parent`` with the permissions a plain ``mkdir`` gives (the user's
+    umask), not ``mkdtemp``'s 0700: it is renamed into the user's output."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def default_permissions(d: Path) -> None:
+    """Give the files written into ``d`` the mode a plain ``open`` gives (0666 & ~umask): some writers
+    (safetensors) create theirs private (0600)."""
+    mode = 0o666 & ~_umask()
+    for f in d.iterdir():
+        if f.is_file():
+            os.chmod(f, mode)
+
+
 def atomic_dir(dst: Path):
     """Context manager: yields a temp dir next to ``dst``; renamed over ``dst`` only on success."""
     class _Atomic:
         def __enter__(self):
             dst.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+            self.tmp = make_temp_dir(f".{dst.name}.tmp-", dst.parent)
             return self.tmp
 
         def __exit__(self, exc_type, exc, tb):
             if exc_type is not None:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 return False
+            default_permissions(self.tmp)
             if dst.exists():
                 old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
                 os.replace(dst, old)
@@ -186,8 +210,13 @@ def atomic_dir(dst: Path):
     return _Atomic()
 
 
-def generation_config(cfg) -> dict:
+def generation_config(cfg, tokenizer=None) -> dict:
+    """What ``transformers.generate`` reads: every stop id of the config and of the tokenizer (for Gemma
+    ``<eos>`` and ``<end_of_turn>``, without which a chat model runs on past the end of its turn)."""
     eos = list(cfg.eos_token_id)
+    for i in getattr(tokenizer, "stop_ids", None) or []:
+        if i is not None and i not in eos:
+            eos.append(int(i))
     return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": cfg.pad_token_id}
 
@@ -203,7 +232,7 @@ def save_hf(model: torch.nn.Module, dst: str | Path, tokenizer=None, dtype: torc
         hf_cfg = cfg.to_hf()
         hf_cfg["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg, tokenizer), indent=2) + "\n")
         save_file({k: v.cpu() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)

@@ -37,7 +37,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CheckpointError
+from ..formats.hf import default_permissions, make_temp_dir
 from ..parallel.dims import pipeline_stage
 
 FORMAT = "gemmaforge-checkpoint"
@@ -229,7 +229,7 @@ def save_train_state(run_dir: str | os.PathLike, step: int, *, model: torch.nn.M
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale(root)
-        tmp = tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=root)
+        tmp = make_temp_dir(f".{dst.name}.tmp-", root)
     tmp = Path(_from_rank0(tmp))
     with _single_process_quiet():
         dcp.save(_dcp_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
@@ -242,6 +242,7 @@ def save_train_state(run_dir: str | os.PathLike, step: int, *, model: torch.nn.M
                                                        default=str) + "\n")
         torch.save(data_state if data_state is not None else {}, tmp / "data_state.pt")
         (tmp / "extra.json").write_text(json.dumps(extra or {}, indent=2, sort_keys=True, default=str) + "\n")
+        default_permissions(tmp)
         files = {}
         for f in sorted(tmp.iterdir()):
             _fsync_file(f)

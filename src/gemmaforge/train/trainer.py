@@ -206,8 +206,11 @@ class Trainer:
     def _build_model(self, model):
         """LoRA, then (under a layout) the pipeline split and ``parallelize``; in one process activation
         checkpointing and compile: applied from outside the model, in one fixed order."""
+        self.model_source = None  # where the base model came from: an adapter names it (PEFT loads base + adapter)
         if model is None and is_rank0():
-            model, _ = load_any(resolve(self.cfg.model), dtype=torch.float32,
+            source = resolve(self.cfg.model)
+            self.model_source = str(source.resolve())
+            model, _ = load_any(source, dtype=torch.float32,
                                 device="cpu" if self.dims is not None else self.device, with_tokenizer=False)
         if self.dims is None:
             self._lora(model)
@@ -456,7 +459,7 @@ class Trainer:
                 load_into(model, sd, "sharded model", dtype=next(iter(sd.values())).dtype)
         if is_rank0():
             if self.cfg.lora_rank:
-                save_adapter(model, self.out / "adapter")
+                save_adapter(model, self.out / "adapter", base_model_name=self.model_source)
                 model = merged_copy(model)
             save_hf(model, dst, tokenizer=self.tokenizer)
             self.log(f"final model: {dst}")
