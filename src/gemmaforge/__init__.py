@@ -9,8 +9,9 @@
 __version__ = "0.1.0"
 
 from .api import from_config, from_pretrained, load_tokenizer  # noqa: E402
+from .inference.chat import chat  # noqa: E402
 from .inference.generate import generate  # noqa: E402
 from .models.registry import preset  # noqa: E402
 from .rl.score import score  # noqa: E402
 
-__all__ = ["from_pretrained", "from_config", "load_tokenizer", "generate", "preset", "score"]
+__all__ = ["from_pretrained", "from_config", "load_tokenizer", "generate", "chat", "preset", "score"]

@@ -13,7 +13,29 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-backend", default=None, choices=["auto", "eager", "sdpa", "flex", "flash"])
 
 
-def device(arg):
+def check_device(arg: str | None) -> str:
+    """The device to load on (default: cuda if available, else cpu); one-line ``InputError`` for a device
+    this machine does not have or that is not a device at all."""
     import torch
 
-    return arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    from ..errors import InputError
+
+    if arg is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(arg)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"--device {arg}: not a device (use cpu, cuda or cuda:N)") from None
+    if d.type == "cpu":
+        return arg
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {arg}: CUDA is not available on this machine (use --device cpu)")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise InputError(f"--device {arg}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                             f"(cuda:0{f' .. cuda:{n - 1}' if n > 1 else ''})")
+        return arg
+    if d.type == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return arg
+    raise InputError(f"--device {arg}: not supported here (use cpu, cuda or cuda:N)")

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_model_args
+from .common import add_model_args, check_device
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -45,14 +45,13 @@ def cmd_inspect(a) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
 
-    import torch
     from tqdm import tqdm
 
     from .. import interp
     from ..api import from_pretrained, load_tokenizer
 
     t0 = time.perf_counter()
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(a.device)
     model = from_pretrained(a.model, dtype=a.dtype, device=device)
     model.attn_backend = getattr(a, "attn_backend", None)
     tok = load_tokenizer(a.model)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert, generate, inspect, merge, score, train
+from . import chat, convert, eval, export_gguf, generate, inspect, merge, score, train
 
-COMMANDS = (generate, merge, convert, train, inspect, score)  # each module: register(subparsers)
+COMMANDS = (generate, chat, merge, convert, train, eval, inspect, score, export_gguf)  # each module: register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    argv = ["--debug"] * debug + [x for x in argv if x != "--debug"]  # after the command too
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_model_args
+from .common import add_model_args, check_device
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -71,7 +71,7 @@ def cmd_score(a) -> int:
 
     records = parse_rollouts(a.data)  # a malformed file fails before the model is loaded
     t0 = time.perf_counter()
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(a.device)
     model = from_pretrained(a.model, dtype=a.dtype, device=device)
     model.attn_backend = getattr(a, "attn_backend", None)
     if a.adapter:

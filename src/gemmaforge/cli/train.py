@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from .common import add_model_args
+from .common import add_model_args, check_device
 
 _TRAIN_FLAGS = [
     # (flag, type, help)
@@ -25,6 +25,8 @@ _TRAIN_FLAGS = [
      "rows per forward/backward (default 2); batch-tokens / (seq-len * this) micro-batches accumulate"),
     ("--seed", int, "random seed (data order, init)"),
     ("--val-fraction", float, "fraction of documents held out for validation"),
+    ("--val-data", "list", "validation data of one's own (same formats as --data): every document of it is "
+                           "evaluated and all of --data trains (no split; --val-fraction, --eval-rows ignored)"),
     ("--eval-every", int, "evaluate every N steps"),
     ("--eval-rows", int, "validation rows evaluated"),
     ("--save-every", int, "checkpoint every N steps"),
@@ -98,6 +100,8 @@ def cmd_train(a) -> int:
     from ..train.trainer import Trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if a.device is not None:
+        check_device(a.device)  # before any data or model loads
     try:
         dims = ParallelDims(a.dp_shard, a.cp, a.tp, a.pp, a.ep)
         if world == 1:

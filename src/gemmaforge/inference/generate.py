@@ -1,7 +1,14 @@
-"""Autoregressive decoding with a KV cache: greedy or sampled (temperature, top-k, top-p, seed)."""
+"""Autoregressive decoding with a KV cache: greedy or sampled (temperature, top-k, top-p, seed).
+
+``generate_ids`` is the token-level loop (one prefill, then one token per step through the KV cache);
+``generate`` continues a text prompt; ``TextStream`` turns the ids of a reply into text pieces as they
+come (whole characters only, special tokens skipped), for printing a reply while it is generated.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -25,12 +32,46 @@ class GenerationStats:
         return self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+def sampling_problem(name: str, value) -> str | None:
+    """Why ``value`` is not a usable value of the sampling setting ``name`` (None when it is).
+
+    ``max_new_tokens``: an int >= 1; ``temperature``: a finite number >= 0 (0 is greedy);
+    ``top_k``: None or an int >= 1; ``top_p``: None or a number in (0, 1]; ``seed``: None or an int."""
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if name == "max_new_tokens":
+        return None if is_int and value >= 1 else "must be a whole number >= 1"
+    if name == "temperature":
+        return None if is_real and math.isfinite(value) and value >= 0 else "must be a number >= 0 (0 is greedy)"
+    if value is None:
+        return None
+    if name == "top_k":
+        return None if is_int and value >= 1 else "must be a whole number >= 1"
+    if name == "top_p":
+        return None if is_real and 0 < value <= 1 else "must be a number in (0, 1]"
+    if name == "seed":
+        return None if is_int else "must be a whole number"
+    raise ValueError(f"unknown sampling setting {name!r}")
+
+
+def check_sampling(max_new_tokens=1, temperature=0.0, top_k=None, top_p=None, seed=None) -> None:
+    """Raise ``InputError`` (naming the setting and its value) for a nonsensical sampling setting."""
+    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_k", top_k),
+                        ("top_p", top_p), ("seed", seed)):
+        why = sampling_problem(name, value)
+        if why:
+            raise InputError(f"{name}={value!r}: {why}")
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> int:
-    """Pick the next token from fp32 logits ``[V]``; temperature 0 is greedy (argmax)."""
+    """Pick the next token from logits ``[V]``: from ``softmax(logits / temperature)`` restricted to the
+    ``top_k`` most likely tokens, then to the smallest set of them holding ``top_p`` of the probability
+    (the nucleus). Temperature 0 is greedy (argmax: top-k and top-p change nothing)."""
     if temperature is None or temperature <= 0:
         return int(torch.argmax(logits))
-    z = logits.float() / temperature
+    z = logits.float()
+    z = (z - z.max()) / temperature  # the top token stays at 0: no overflow for a tiny temperature
     if top_k is not None and top_k > 0 and top_k < z.numel():
         kth = torch.topk(z, top_k).values[-1]
         z = z.masked_fill(z < kth, float("-inf"))
@@ -50,7 +91,9 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 64, tempera
                  stop_ids: set[int] | None = None, on_token=None) -> GenerationStats:
     """Token-level generation for one prompt. ``on_token(id)`` is called for each new token.
 
-    On CPU the model's weights are first put in the decode layout (``use_decode_layout``)."""
+    On CPU the model's weights are first put in the decode layout (``use_decode_layout``).
+    Nonsensical sampling settings raise ``InputError`` (``check_sampling``)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     use_decode_layout(model)
     with torch.inference_mode():
         return _generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
@@ -99,13 +142,108 @@ def _generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, 
     return stats
 
 
+def stop_ids_of(model, tokenizer) -> set[int]:
+    """The ids that end a generation: the tokenizer's (EOS, ``<end_of_turn>``) and the model config's EOS."""
+    eos = getattr(model.config, "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return set(getattr(tokenizer, "stop_ids", None) or []) | set(eos)
+
+
+class TextStream:
+    """The text of a growing list of token ids, handed out piece by piece as the ids come.
+
+        stream = TextStream(tokenizer, on_text=lambda s: print(s, end="", flush=True))
+        for i in ids: stream.push(i)
+        text = stream.finish()          # the decoded text: the pieces, joined
+
+    Only whole characters come out: a character split over byte tokens (``<0xF0>`` ...) is held back
+    until its last byte arrives. Special tokens (``<end_of_turn>``, ``<pad>`` ...) give no text, nor do
+    Gemma's markup tokens that a GGUF vocabulary does not flag special (``CONTROL_TOKENS``:
+    ``<start_of_image>`` ...). Each step decodes only a short window (the ids since the previous piece,
+    plus the piece before them for the tokenizer's context), so a long reply costs O(length) decoding.
+    ``ids`` holds the ids that make the text."""
+
+    CONTROL_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>", "[multimodal]",
+                      "<start_of_audio>", "<end_of_audio>", "<audio_soft_token>")
+
+    def __init__(self, tokenizer, on_text=None, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.skip_special_tokens = skip_special_tokens
+        lookup = getattr(tokenizer, "token_to_id", None)
+        self._drop = set()
+        if skip_special_tokens and lookup is not None:
+            self._drop = {i for i in map(lookup, self.CONTROL_TOKENS) if i is not None}
+        self.ids: list[int] = []
+        self.text = ""  # what was handed out so far
+        self._prefix = 0  # window start: the ids of the previous piece
+        self._read = 0  # ids before this one are handed out
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self.text += piece
+            if self.on_text is not None:
+                self.on_text(piece)
+
+    def push(self, token_id: int) -> str:
+        """Add one id; returns the text it completes (often '', e.g. for a partial character)."""
+        if int(token_id) in self._drop:
+            return ""
+        self.ids.append(int(token_id))
+        before = self._decode(self.ids[self._prefix:self._read])
+        now = self._decode(self.ids[self._prefix:])
+        if now.endswith("\ufffd"):  # perhaps a character whose next bytes are still to come
+            return ""
+        if now.startswith(before):
+            piece = now[len(before):]
+        else:  # bytes that never made a character spoiled the window: the new ids on their own
+            piece = self._decode(self.ids[self._read:])
+        if not piece:
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        self._emit(piece)
+        return piece
+
+    def finish(self) -> str:
+        """Hand out what is held back (an incomplete character at the end comes out as U+FFFD);
+        returns the whole text, ``decode(ids)`` but for such an end: ``decode`` turns every byte of a
+        run of byte tokens into U+FFFD when the run ends mid-character, the text keeps the whole ones."""
+        full = self._decode(self.ids)
+        if full.startswith(self.text):
+            self._emit(full[len(self.text):])
+        else:
+            before = self._decode(self.ids[self._prefix:self._read])
+            now = self._decode(self.ids[self._prefix:])
+            self._emit(now[len(before):] if now.startswith(before) else self._decode(self.ids[self._read:]))
+        self._prefix = self._read = len(self.ids)
+        return self.text
+
+
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             on_token=None, return_stats: bool = False):
-    """Continue ``prompt``; return the continuation text (stops at EOS or ``<end_of_turn>``)."""
-    ids = tokenizer.encode(prompt)
-    stop = set(getattr(tokenizer, "stop_ids", None) or []) | set(model.config.eos_token_id)
+             on_token=None, return_stats: bool = False, on_text=None):
+    """Continue ``prompt``; return the continuation text (stops at EOS or ``<end_of_turn>``; special
+    tokens are not in the text). ``on_token(id)`` gets each new id, ``on_text(piece)`` each new piece
+    of text as soon as it is whole (the pieces joined are the returned text)."""
+    ids = tokenizer.encode(prompt)  # BOS first: an empty prompt generates from BOS alone
+    return _generate_text(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed, on_token,
+                          on_text, return_stats)
+
+
+def _generate_text(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed, on_token, on_text,
+                   return_stats):
+    """``generate_ids`` with the tokenizer's stop ids, decoded (streamed through ``on_text`` if given)."""
+    stream = TextStream(tokenizer, on_text)
+
+    def step(i):
+        if on_token is not None:
+            on_token(i)
+        stream.push(i)
+
     stats = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed, stop_ids=stop, on_token=on_token)
-    text = tokenizer.decode(stats.ids)
+                         top_p=top_p, seed=seed, stop_ids=stop_ids_of(model, tokenizer), on_token=step)
+    text = stream.finish()
     return (text, stats) if return_stats else text

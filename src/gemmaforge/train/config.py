@@ -13,6 +13,8 @@ from ..errors import ConfigError
 class TrainConfig:
     model: str | None = None  # HF dir, .gguf, or preset name; None = embedded gemma-3-270m
     data: list[str] = field(default_factory=list)  # .txt / dir / .jsonl; empty = CPython's language reference
+    val_data: list[str] = field(default_factory=list)  # validation files of one's own (same formats): all of
+    # their documents validate, all of `data` trains (val_fraction and eval_rows do not apply); empty = the split
     out: str | None = None  # default runs/<timestamp>
     steps: int = 16
     lr: float = 1e-4

@@ -181,7 +181,11 @@ class Trainer:
         return load_tokenizer(resolve(self.cfg.model))
 
     def _load_data(self, train_docs, val_docs):
+        """Train and validation rows. ``cfg.val_data`` (files of one's own, same formats as ``data``):
+        every one of its documents validates (no ``eval_rows`` cap) and the whole train data trains
+        (no split); without it ``val_fraction`` of the documents is held out (``eval_rows`` rows kept)."""
         cfg = self.cfg
+        val_paths = [cfg.val_data] if isinstance(cfg.val_data, str) else list(cfg.val_data or [])
         if train_docs is None:
             if cfg.data:
                 docs = load_documents(cfg.data, self.tokenizer)
@@ -190,11 +194,20 @@ class Trainer:
                 docs = [Document(tok.encode(t) + [tok.eos_id]) for t in builtin_corpus()]
             if not docs:
                 raise DataError(f"{', '.join(cfg.data) or 'data'}: no documents")
-            train_docs, val_docs = train_val_split(docs, cfg.val_fraction, seed=cfg.seed)
+            if val_paths:
+                train_docs, val_docs = docs, None
+            else:
+                train_docs, val_docs = train_val_split(docs, cfg.val_fraction, seed=cfg.seed)
+        own_val = bool(val_paths) and val_docs is None
+        if own_val:
+            val_docs = load_documents(val_paths, self.tokenizer)  # a bad file fails here: file:line
         train_rows = pack_documents(train_docs, cfg.seq_len)
-        val_rows = pack_documents(val_docs or [], cfg.seq_len)[: cfg.eval_rows] if val_docs else []
+        val_rows = pack_documents(val_docs or [], cfg.seq_len) if val_docs else []
+        if not own_val:
+            val_rows = val_rows[: cfg.eval_rows]
         st = packing_stats(train_rows)
-        self.log(f"data: {len(train_docs)} train docs -> {st}; {len(val_rows)} validation rows")
+        src = f" ({len(val_docs)} docs of {', '.join(val_paths)})" if own_val else ""
+        self.log(f"data: {len(train_docs)} train docs -> {st}; {len(val_rows)} validation rows{src}")
         return train_rows, val_rows
 
     def _lora(self, model) -> None:
@@ -323,15 +336,13 @@ class Trainer:
     def evaluate(self) -> dict | None:
         if not self.val_rows:
             return None
+        from .evaluate import evaluate_rows  # the one evaluation path (``gemmaforge eval`` uses it too)
+
         mine = shard_items(self.val_rows, self.dp_rank, self.dims.dp_shard) if self.dims is not None else self.val_rows
-        was = self.model.training
-        self.model.eval()
-        res = forward_backward(self.model, [collate_rows([r]) for r in mine], self.objective, self.layout,
-                               backward=False, autocast=self.autocast)
-        self.model.train(was)
-        if res.count == 0:
+        ev = evaluate_rows(self.model, mine, self.objective, self.layout, autocast=self.autocast)
+        if ev is None:
             return None
-        return {"val_loss": res.loss, "val_ppl": math.exp(min(res.loss, 50)), "val_tokens": res.count}
+        return {"val_loss": ev["loss"], "val_ppl": ev["perplexity"], "val_tokens": ev["tokens"]}
 
     # ---- persistence ----
     def _write_metrics(self, row: dict) -> None:
