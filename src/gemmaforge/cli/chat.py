@@ -17,8 +17,8 @@ import importlib
 import re
 import sys
 
-from .common import add_model_args, check_device
-from .generate import (Out, StdoutClosed, add_sampling_args, check_adapter,
+from .common import add_model_args, check_adapter, check_device
+from .generate import (Out, StdoutClosed, add_sampling_args,
                        load_model_and_tokenizer, sampling_from_args)
 
 COMMANDS_HELP = "/reset forgets the conversation, /exit (or Ctrl-D) ends, /help shows this"

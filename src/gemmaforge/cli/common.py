@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -10,7 +11,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="HF dir, .gguf file or preset name (default: the embedded gemma-3-270m)")
     p.add_argument("--dtype", default="float32", help="float32 (CPU default) or bfloat16 (GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--attn-backend", default=None, choices=["auto", "eager", "sdpa", "flex", "flash"])
+    p.add_argument("--attn-backend", default=None, choices=["auto", "eager", "sdpa", "flex", "flash"],
+                   help="attention kernel (default auto: flash-attn on CUDA where installed, else sdpa)")
 
 
 def check_device(arg: str | None) -> str:
@@ -39,3 +41,18 @@ def check_device(arg: str | None) -> str:
     if d.type == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return arg
     raise InputError(f"--device {arg}: not supported here (use cpu, cuda or cuda:N)")
+
+
+def check_adapter(arg: str | None) -> None:
+    """A LoRA adapter dir must exist and hold ``adapter_config.json`` (checked before the model loads)."""
+    from ..errors import InputError
+
+    if arg is None:
+        return
+    d = Path(arg)
+    if not d.exists():
+        raise InputError(f"--adapter {arg}: no such directory")
+    if not d.is_dir():
+        raise InputError(f"--adapter {arg}: not a directory (a PEFT adapter dir holds adapter_config.json)")
+    if not (d / "adapter_config.json").is_file():
+        raise InputError(f"--adapter {arg}: no adapter_config.json (not a PEFT adapter dir)")

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_model_args, check_device
+from .common import add_model_args, check_adapter, check_device
 
 
 def register(sub) -> None:
@@ -76,21 +76,6 @@ def sampling_from_args(a) -> dict:
         print("gemmaforge: note: --top-k/--top-p only matter when sampling (--temperature > 0); "
               "this run is greedy", file=sys.stderr)
     return out
-
-
-def check_adapter(arg: str | None) -> None:
-    """A LoRA adapter dir must exist and hold ``adapter_config.json`` (checked before the model loads)."""
-    from ..errors import InputError
-
-    if arg is None:
-        return
-    d = Path(arg)
-    if not d.exists():
-        raise InputError(f"--adapter {arg}: no such directory")
-    if not d.is_dir():
-        raise InputError(f"--adapter {arg}: not a directory (a PEFT adapter dir holds adapter_config.json)")
-    if not (d / "adapter_config.json").is_file():
-        raise InputError(f"--adapter {arg}: no adapter_config.json (not a PEFT adapter dir)")
 
 
 def load_model_and_tokenizer(a, dev: str):

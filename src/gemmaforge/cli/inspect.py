@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_model_args, check_device
+from .common import add_model_args, check_adapter, check_device
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -27,6 +27,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-layers", type=int, default=None,
                    help="attention heatmaps for the first N layers only (the logit lens always shows every layer)")
     p.add_argument("--top-k", type=int, default=5, help="tokens per layer and position in logit_lens.txt")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter dir (PEFT format) applied on top of --model")
     p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a tty")
     p.set_defaults(func=cmd_inspect)
     return p
@@ -50,15 +51,20 @@ def cmd_inspect(a) -> int:
     from .. import interp
     from ..api import from_pretrained, load_tokenizer
 
-    t0 = time.perf_counter()
     device = check_device(a.device)
+    check_adapter(a.adapter)
+    t0 = time.perf_counter()
     model = from_pretrained(a.model, dtype=a.dtype, device=device)
     model.attn_backend = getattr(a, "attn_backend", None)
+    if a.adapter:
+        from ..formats.peft import load_adapter
+
+        load_adapter(model, a.adapter)
     tok = load_tokenizer(a.model)
     ids = tok.encode(a.prompt)
     n_layers = len(model.model.layers)
     n_maps = n_layers if a.max_layers is None else min(a.max_layers, n_layers)
-    print(f"loaded {a.model or 'gemma-3-270m'} in {time.perf_counter() - t0:.1f}s; prompt of {len(ids)} tokens",
+    print(f"loaded {a.model or 'gemma-3-270m'}{' + ' + a.adapter if a.adapter else ''} in {time.perf_counter() - t0:.1f}s; prompt of {len(ids)} tokens",
           file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=n_maps + 1, desc="inspect", unit="plot", file=sys.stderr, leave=False,

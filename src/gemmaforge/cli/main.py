@@ -7,13 +7,29 @@ import sys
 
 from . import chat, convert, eval, export_gguf, generate, inspect, merge, score, train
 
-COMMANDS = (generate, chat, merge, convert, train, eval, inspect, score, export_gguf)  # each module: register(subparsers)
+# each module: register(subparsers)
+COMMANDS = (generate, chat, merge, convert, train, eval, inspect, score, export_gguf)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each flag's default (none for flags whose default is unset or False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gemmaforge", description="Train, fine-tune and look inside Gemma models.")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="gemmaforge", description="Train, fine-tune and look inside Gemma models.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks (also after the command)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for command in COMMANDS:
         command.register(sub)
     return p

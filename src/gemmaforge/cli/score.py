@@ -61,6 +61,9 @@ def cmd_score(a) -> int:
     out = Path(a.out)
     if out.is_dir():
         raise InputError(f"{out}: is a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise InputError(f"--out {out}: cannot write into {parent}")
 
     import torch
     from tqdm import tqdm
@@ -90,10 +93,14 @@ def cmd_score(a) -> int:
                disable=not sys.stderr.isatty() and not a.progress)
     chunk = a.chunk_size or DEFAULT_CHUNK
     t1 = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f, torch.inference_mode():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        f = open(tmp, "w", encoding="utf-8")
+    except OSError as e:  # name what the user gave, not the temp file beside it
+        raise InputError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    try:
+        with f, torch.inference_mode():
             for batch in pack_rollouts(pairs, a.batch_tokens):
                 res = score(model, batch.input_ids.to(device), batch.cu_seqlens.to(device),
                             labels=batch.labels.to(device), temperature=a.temperature, return_entropy=True,

@@ -35,8 +35,30 @@ def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
     return [s.replace("\n", "\\n").replace("\t", "\\t") for s in _raw_labels(tokenizer, ids)]
 
 
+_GLYPHS: set | None = None
+
+
+def _font_glyphs() -> set:
+    """Code points matplotlib's default font can draw (read once)."""
+    global _GLYPHS
+    if _GLYPHS is None:
+        from matplotlib import font_manager, ft2font
+
+        path = font_manager.findfont(font_manager.FontProperties())
+        _GLYPHS = set(ft2font.FT2Font(path).get_charmap())
+    return _GLYPHS
+
+
 def _mpl_safe(s: str) -> str:
-    return s.replace("$", r"\$")  # matplotlib would start mathtext
+    """A label matplotlib draws as written: ``$`` escaped (it would start mathtext), characters its font
+    has no glyph for (CJK, emoji... drawn as empty boxes) written as ``\\uXXXX`` escapes."""
+    glyphs = _font_glyphs()
+    s = "".join(c if ord(c) in glyphs or c in " \t" else _escape(c) for c in s)
+    return s.replace("$", r"\$")
+
+
+def _escape(c: str) -> str:
+    return f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
 
 
 def _encode(tokenizer, prompt) -> list[int]:
@@ -95,31 +117,44 @@ def attention_heatmaps(model, tokenizer, prompt, out_dir, layers: Iterable[int] 
     return paths
 
 
+def colour_scale(pat: torch.Tensor) -> float:
+    """The top of a heatmap's colour scale: the largest weight outside the first key column ``pat[..., 0]``."""
+    rest = pat[..., 1:] if pat.shape[-1] > 1 else pat
+    return max(float(rest.max()), 1e-6)
+
+
 def _heatmap(plt, pat: torch.Tensor, i: int, types, labels, ticks, out: Path, dpi: int) -> Path:
-    """One layer's figure: pat [H, q, k]."""
+    """One layer's figure: pat [H, q, k], the heads in a near-square grid.
+
+    The colour scale ends at the largest weight outside the first key column: the first token (``<bos>``)
+    soaks up most of many heads' attention and would otherwise leave every other cell dark; its
+    column saturates (the colour bar's arrow) and its own weights are in the title."""
     S = len(labels)
     H = pat.shape[0]
-    ncols = min(H, 4)
+    ncols = math.ceil(math.sqrt(H))
     nrows = math.ceil(H / ncols)
-    side = min(9.0, max(3.0, 0.22 * S + 1.5))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols + 1.0, side * nrows + 0.6), squeeze=False,
+    side = min(8.0, max(3.0, 0.2 * S + 1.8))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols + 1.2, side * nrows + 0.8), squeeze=False,
                              layout="constrained")
     kind = f" ({types[i]})" if types is not None else ""
-    fig.suptitle(f"layer {i}{kind}: attention pattern, query rows x key columns")
-    fs = 8 if S <= 24 else 6
+    vmax = colour_scale(pat)
+    first = float(pat[:, :, 0].mean())
+    fig.suptitle(f"layer {i}{kind}: attention pattern, query rows x key columns\n"
+                 f"colour scale 0..{vmax:.2f}; the first key column (mean weight {first:.2f}) saturates")
+    fs = 9 if S <= 24 else 8
     im = None
     for h in range(nrows * ncols):
         ax = axes[h // ncols][h % ncols]
         if h >= H:
             ax.axis("off")
             continue
-        im = ax.imshow(pat[h].numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        im = ax.imshow(pat[h].numpy(), cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
         ax.set_title(f"head {h}")
         ax.set_xticks(ticks, [labels[t] for t in ticks], rotation=90, fontsize=fs)
         ax.set_yticks(ticks, [labels[t] for t in ticks], fontsize=fs)
         ax.set_xlabel("key")
         ax.set_ylabel("query")
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, extend="max" if float(pat.max()) > vmax else "neither")
     path = out / f"attn_layer_{i:02d}.png"
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -171,15 +206,15 @@ def _lens_figure(plt, top1: torch.Tensor, probs, tokenizer, inputs, rows, path: 
     fig_h = min(40.0, max(3.0, 0.38 * R + 1.8))
     fig, ax = plt.subplots(figsize=(fig_w, fig_h), layout="constrained")
     im = ax.imshow(probs, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
-    fs = 7 if S <= 24 else 5
+    fs = 8 if S <= 24 else 7
     for r in range(R):
         for s, t in enumerate(token_labels(tokenizer, top1[r].tolist())):
             t = t if len(t) <= 10 else t[:9] + "…"
             ax.text(s, r, _mpl_safe(t), ha="center", va="center", fontsize=fs,
                     color="white" if probs[r, s] > 0.5 else "black")
     step = _tick_step(S)
-    ax.set_xticks(range(0, S, step), [_mpl_safe(inputs[s]) for s in range(0, S, step)], rotation=90, fontsize=7)
-    ax.set_yticks(range(R), rows, fontsize=7)
+    ax.set_xticks(range(0, S, step), [_mpl_safe(inputs[s]) for s in range(0, S, step)], rotation=90, fontsize=8)
+    ax.set_yticks(range(R), rows, fontsize=8)
     ax.set_xlabel("input token (prediction is for the next one)")
     ax.set_title("logit lens: top-1 token per layer and position (colour: its probability)")
     fig.colorbar(im, ax=ax, shrink=0.8)
