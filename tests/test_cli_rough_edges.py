@@ -129,3 +129,47 @@ def test_inspect_with_an_adapter_and_a_bad_one(tiny_dir, tmp_path):
     r = run_cli("inspect", "--model", str(tiny_dir), "--adapter", str(tmp_path / "nope"), "--prompt", "x",
                 "--out", str(out), env=ENV)
     assert r.returncode == 2 and r.stderr.strip() == f"gemmaforge: error: --adapter {tmp_path / 'nope'}: no such directory"
+
+
+def test_merge_through_the_cli_and_its_bad_inputs(tiny_dir, tmp_path):
+    """``gemmaforge merge`` writes the merged model (its logits equal base + adapter); a missing adapter
+    dir, a dir without adapter_config.json, an adapter of another model's shape and an --out that is
+    a file each give one line and exit 2."""
+    from gemmaforge import from_pretrained
+    from gemmaforge.adapters.lora import LoraConfig, apply_lora
+    from gemmaforge.formats.peft import save_adapter
+
+    m = from_pretrained(str(tiny_dir))
+    apply_lora(m, LoraConfig(rank=2))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    save_adapter(m, tmp_path / "ad")
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        want = m(ids)
+    r = run_cli("merge", "--model", str(tiny_dir), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m"),
+                env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(str(tmp_path / "m"))(ids), want, atol=1e-5, rtol=0)
+
+    import test_interp
+
+    wide = test_interp._tiny(intermediate_size=256)
+    apply_lora(wide, LoraConfig(rank=2))
+    save_adapter(wide, tmp_path / "wide")
+    (tmp_path / "plain").mkdir()
+    f = tmp_path / "file"
+    f.write_text("x")
+    cases = [
+        (["--adapter", str(tmp_path / "nope")], f"--adapter {tmp_path / 'nope'}: no such directory"),
+        (["--adapter", str(tmp_path / "plain")], "no adapter_config.json"),
+        (["--adapter", str(tmp_path / "wide")], "has shape"),
+        (["--adapter", str(tmp_path / "ad"), "--out", str(f)], f"--out {f}: exists and is not a directory"),
+    ]
+    for extra, needle in cases:
+        args = ["merge", "--model", str(tiny_dir), "--out", str(tmp_path / "m2")] + extra
+        r = run_cli(*args, env=ENV)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, (extra, r.stderr[-1500:])

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+from .common import check_adapter
 
 
 def register(sub) -> None:
@@ -16,9 +19,14 @@ def register(sub) -> None:
 def cmd_merge(a) -> int:
     from ..adapters.lora import merged_copy
     from ..api import from_pretrained, load_tokenizer
+    from ..errors import InputError
     from ..formats.hf import save_hf
     from ..formats.peft import load_adapter
 
+    check_adapter(a.adapter)  # before the model loads
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
     model = from_pretrained(a.model)
     load_adapter(model, a.adapter)
     out = save_hf(merged_copy(model), a.out, tokenizer=load_tokenizer(a.model))
