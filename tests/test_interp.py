@@ -55,7 +55,15 @@ def test_tl_weights_reproduce_the_hooks(tiny, ids):
     w = interp.TLWeights(tiny)
     L, H, Hkv, D, d, m = 4, 4, 2, 32, 64, 128
     assert w.W_E.shape == (512, d) and w.W_U.shape == (d, 512)
-    assert w.W_Q.shape == (L, H, d, D) and w.W_K.shape == (L, Hkv, d, D) and w.W_V.shape == (L, Hkv, d, D)
+    assert w.W_Q.shape == (L, H, d, D) and w.W_K.shape == (L, H, d, D) and w.W_V.shape == (L, H, d, D)
+    assert w.W_K_kv.shape == w.W_V_kv.shape == (L, Hkv, d, D)  # as stored: one entry per key/value head
+    assert w._W_K is w.W_K_kv and w._W_V is w.W_V_kv  # HookedTransformer's names for them
+    # TransformerLens' grouped-query layout: query head h reads kv head h // (H // Hkv) (repeat_interleave)
+    for n in ("W_K", "W_V"):
+        for h in range(H):
+            assert torch.equal(getattr(w, n)[:, h], getattr(w, f"{n}_kv")[:, h // (H // Hkv)]), (n, h)
+        assert torch.equal(getattr(interp, n)(tiny), getattr(w, n))
+        assert torch.equal(getattr(interp, f"{n}_kv")(tiny), getattr(w, f"{n}_kv"))
     assert w.W_O.shape == (L, H, D, d)
     assert w.W_gate.shape == w.W_in.shape == (L, d, m) and w.W_out.shape == (L, m, d)
     assert not any(getattr(w, n).requires_grad for n in ("W_E", "W_U", "W_Q", "W_O", "W_out"))
@@ -69,9 +77,15 @@ def test_tl_weights_reproduce_the_hooks(tiny, ids):
             att = layer.self_attn
             q = torch.einsum("bsd,hde->bshe", c["ln1", i], w.W_Q[i])
             torch.testing.assert_close(c["q", i], att.q_norm(q), atol=1e-5, rtol=0)
-            k = torch.einsum("bsd,hde->bshe", c["ln1", i], w.W_K[i])
+            k = torch.einsum("bsd,hde->bshe", c["ln1", i], w.W_K_kv[i])
             torch.testing.assert_close(c["k", i], att.k_norm(k), atol=1e-5, rtol=0)
-            torch.testing.assert_close(c["v", i], torch.einsum("bsd,hde->bshe", c["ln1", i], w.W_V[i]),
+            torch.testing.assert_close(c["v", i], torch.einsum("bsd,hde->bshe", c["ln1", i], w.W_V_kv[i]),
+                                       atol=1e-5, rtol=0)
+            # the repeated views pair with W_Q head by head: k/v per query head, and z = pattern @ v per head
+            k_h = att.k_norm(torch.einsum("bsd,hde->bshe", c["ln1", i], w.W_K[i]))
+            torch.testing.assert_close(k_h, c["k", i].repeat_interleave(H // Hkv, dim=2), atol=1e-5, rtol=0)
+            v_h = torch.einsum("bsd,hde->bshe", c["ln1", i], w.W_V[i])
+            torch.testing.assert_close(c["z", i], torch.einsum("bhqk,bkhe->bqhe", c["pattern", i], v_h),
                                        atol=1e-5, rtol=0)
             # compared after the sandwich norms (their outputs are what reaches the residual)
             o = torch.einsum("bshe,hed->bsd", c["z", i], w.W_O[i])
@@ -81,8 +95,10 @@ def test_tl_weights_reproduce_the_hooks(tiny, ids):
             m_out = layer.post_feedforward_layernorm(c["mlp_post", i] @ w.W_out[i])
             torch.testing.assert_close(c["ln2_post", i], m_out, atol=1e-5, rtol=0)
             torch.testing.assert_close(interp.W_Q(tiny, i), w.W_Q[i])
-    # single-layer and embedding weights are views: no copy of the parameters
+    # single-layer and embedding weights are views: no copy of the parameters (W_K/W_V repeat the kv heads)
     assert interp.W_Q(tiny, 0).data_ptr() == tiny.model.layers["0"].self_attn.q_proj.weight.data_ptr()
+    assert interp.W_K_kv(tiny, 1).data_ptr() == tiny.model.layers["1"].self_attn.k_proj.weight.data_ptr()
+    assert interp.W_V_kv(tiny, 1).data_ptr() == tiny.model.layers["1"].self_attn.v_proj.weight.data_ptr()
     assert w.W_E.data_ptr() == tiny.model.embed_tokens.weight.data_ptr()
 
 
@@ -298,8 +314,11 @@ def test_tl_weights_include_an_unmerged_lora_adapter(tiny, ids):
         att = layer.self_attn
         q = torch.einsum("bsd,hde->bshe", c["ln1", i], w.W_Q[i])
         torch.testing.assert_close(c["q", i], att.q_norm(q), atol=1e-5, rtol=0)
-        torch.testing.assert_close(c["v", i], torch.einsum("bsd,hde->bshe", c["ln1", i], w.W_V[i]),
+        torch.testing.assert_close(c["v", i], torch.einsum("bsd,hde->bshe", c["ln1", i], w.W_V_kv[i]),
                                    atol=1e-5, rtol=0)
+        torch.testing.assert_close(c["k", i], att.k_norm(torch.einsum("bsd,hde->bshe", c["ln1", i], w.W_K_kv[i])),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(w.W_V[i], w.W_V_kv[i].repeat_interleave(2, dim=0))
         o = torch.einsum("bshe,hed->bsd", c["z", i], w.W_O[i])
         torch.testing.assert_close(c["ln1_post", i], layer.post_attention_layernorm(o), atol=1e-5, rtol=0)
         m_out = layer.post_feedforward_layernorm(c["mlp_post", i] @ w.W_out[i])
@@ -339,12 +358,18 @@ def test_gemma4_weight_views_have_each_layers_shape(gemma4):
     for i, layer in enumerate(model.model.layers.values()):
         D, src = cfg.layer_head_dim(i), cfg.kv_source(i)
         assert interp.W_Q(model, i).shape == (H, d, D)
-        assert interp.W_K(model, i).shape == interp.W_V(model, i).shape == (cfg.kv_heads(src), d, D)
+        assert interp.W_K_kv(model, i).shape == interp.W_V_kv(model, i).shape == (cfg.kv_heads(src), d, D)
+        # TransformerLens' shape: the source layer's kv heads repeated to this layer's query heads
+        assert interp.W_K(model, i).shape == interp.W_V(model, i).shape == (H, d, D)
+        g = H // cfg.kv_heads(src)
+        for f in ("W_K", "W_V"):
+            kv = getattr(interp, f"{f}_kv")(model, i)
+            assert torch.equal(getattr(interp, f)(model, i), kv.repeat_interleave(g, dim=0))
         assert interp.W_O(model, i).shape == (H, D, d)
         m = cfg.mlp_size(i)
         assert interp.W_gate(model, i).shape == interp.W_in(model, i).shape == (d, m)
         assert interp.W_out(model, i).shape == (m, d)
-        for f in ("W_Q", "W_K", "W_V", "W_O", "W_gate", "W_in", "W_out"):
+        for f in ("W_Q", "W_K", "W_V", "W_K_kv", "W_V_kv", "W_O", "W_gate", "W_in", "W_out"):
             one = getattr(interp, f)(model, i)
             assert torch.equal(getattr(w, f)[i], one)
             assert torch.equal(getattr(interp, f)(model, i - n), one)  # negative layer index
@@ -352,18 +377,22 @@ def test_gemma4_weight_views_have_each_layers_shape(gemma4):
             assert not hasattr(layer.self_attn, "k_proj") and src != i
             for f in (interp.W_K, interp.W_V):
                 assert torch.equal(f(model, i), f(model, src))
+            for f in (interp.W_K_kv, interp.W_V_kv):
+                assert torch.equal(f(model, i), f(model, src))
                 assert f(model, i).data_ptr() == f(model, src).data_ptr()
         else:
             assert src == i
             k_proj = layer.self_attn.k_proj.weight
-            assert interp.W_K(model, i).data_ptr() == k_proj.data_ptr()  # a view, as on Gemma 3
+            assert interp.W_K_kv(model, i).data_ptr() == k_proj.data_ptr()  # a view, as on Gemma 3
         if cfg.k_eq_v(src):  # V is the raw k_proj output: W_V is W_K
             assert src != i or layer.self_attn.v_proj is None
-            assert interp.W_V(model, i).data_ptr() == interp.W_K(model, i).data_ptr()
+            assert interp.W_V_kv(model, i).data_ptr() == interp.W_K_kv(model, i).data_ptr()
+            assert torch.equal(interp.W_V(model, i), interp.W_K(model, i))
         else:
             assert not torch.equal(interp.W_V(model, i), interp.W_K(model, i))
+            assert not torch.equal(interp.W_V_kv(model, i), interp.W_K_kv(model, i))
     # full and sliding attention layers differ: asking for the stack says so, in one line
-    for f in ("W_Q", "W_K", "W_V", "W_O"):
+    for f in ("W_Q", "W_K", "W_V", "W_K_kv", "W_V_kv", "W_O"):
         with pytest.raises(InputError, match="different shapes") as e:
             getattr(interp, f)(model)
         assert "\n" not in str(e.value) and f"interp.{f}(model, layer=i)" in str(e.value)
@@ -407,9 +436,13 @@ def test_gemma4_weight_views_reproduce_the_hooks(gemma4):
         torch.testing.assert_close(c["q", i], att.q_norm(heads(c["ln1", i], interp.W_Q(model, i))), atol=1e-5, rtol=0)
         # the keys/values layer i attends to: its source layer's (itself unless KV-sharing), from the source's ln1
         s_att = model.model.layers[str(src)].self_attn
-        torch.testing.assert_close(c["k", src], s_att.k_norm(heads(c["ln1", src], interp.W_K(model, i))),
+        torch.testing.assert_close(c["k", src], s_att.k_norm(heads(c["ln1", src], interp.W_K_kv(model, i))),
                                    atol=1e-5, rtol=0)
-        torch.testing.assert_close(c["v", src], s_att.v_norm(heads(c["ln1", src], interp.W_V(model, i))),
+        torch.testing.assert_close(c["v", src], s_att.v_norm(heads(c["ln1", src], interp.W_V_kv(model, i))),
+                                   atol=1e-5, rtol=0)
+        # the repeated views, one per query head: z = pattern @ v_norm(ln1_src @ W_V) head by head
+        v_h = s_att.v_norm(heads(c["ln1", src], interp.W_V(model, i)))
+        torch.testing.assert_close(c["z", i], torch.einsum("bhqk,bkhe->bqhe", c["pattern", i], v_h),
                                    atol=1e-5, rtol=0)
         o = torch.einsum("bshe,hed->bsd", c["z", i], interp.W_O(model, i))
         torch.testing.assert_close(c["ln1_post", i], layer.post_attention_layernorm(o), atol=1e-5, rtol=0)

@@ -7,6 +7,14 @@ Shapes follow TransformerLens: ``[batch, pos, d_model]`` for the residual stream
 before RoPE; ``hook_rot_q``/``hook_rot_k`` after that layer's own RoPE), ``[batch, head, q, k]`` for
 ``attn.hook_attn_scores`` / ``attn.hook_pattern``. Asking for scores or the pattern of a layer runs
 that layer on the eager backend for that call only.
+
+Against TransformerLens 4's Gemma 3 bridge (unprocessed: nothing folded or centred; tests/test_hooks.py
+compares every point) the values are its own, k/v with the key/value heads not repeated as there, except:
+``attn.hook_q``/``hook_k`` are its ``hook_q_normed``/``hook_k_normed`` (its ``hook_q``/``hook_k`` are the raw
+projection, before the q/k norm; its normed ones are ``[batch, head, pos, d_head]``); ``lnX.hook_normalized``
+(and ``ln_final``) is the norm's output, ``rms(x) * (1 + w)``, its ``lnX.hook_out`` (its
+``hook_normalized`` is ``rms(x)`` before the weight: ours too after ``interp.fold_norm_weights``); masked
+scores are ``-inf`` (its: ``finfo.min``); ``hook_attn_in`` is the residual its ``ln1.hook_in`` reads.
 """
 
 from __future__ import annotations
