@@ -215,7 +215,7 @@ def test_train_val_data_validates_on_exactly_that_file(tmp_path):
     labels = sum(d.num_targets for d in val_docs)
     cfg = TrainConfig(data=[str(train)], val_data=[str(val)], out=str(tmp_path / "run"), steps=2, seq_len=64,
                       batch_tokens=128, micro_batch_rows=1, eval_rows=1, val_fraction=0.5, save_every=0,
-                      eval_every=0, progress=False, seed=1)
+                      eval_every=0, progress=False, seed=1, dtype="float32")  # compared with an fp32 direct loss
     logs = []
     tr = Trainer(cfg, model=tiny_model(), tokenizer=tok, log=logs.append)
     # all 30 training documents train (no split, val_fraction ignored); all of val.jsonl validates

@@ -65,7 +65,7 @@ def test_training_lowers_validation_loss_and_writes_outputs(tmp_path):
     assert any("val_loss" in r for r in steps)  # evaluation rows
     out = tmp_path / "run"
     assert (out / "loss.png").stat().st_size > 1000
-    assert (out / "final" / "model.safetensors").exists() and (out / "config.json").exists()
+    assert (out / "final" / "model.safetensors").exists() and (out / "recipe.toml").exists()
     assert len(list((out / "checkpoints").iterdir())) <= 3
 
 

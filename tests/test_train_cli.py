@@ -53,8 +53,10 @@ def test_train_writes_everything_and_final_model_loads(small_dir, corpus, tmp_pa
     assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4]
     assert all({"step", "loss", "lr", "tokens_per_s"} <= x.keys() for x in rows if "loss" in x)
     assert any("val_loss" in x for x in rows)
-    assert (out / "loss.png").stat().st_size > 1000 and (out / "config.json").exists()
-    assert list((out / "checkpoints").iterdir())
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "recipe.toml").exists()
+    # --keep-last 0 (the default): the checkpoint of step 2 was there to resume an interrupted run; the
+    # completed run removed it once final/ was written
+    assert not (out / "checkpoints").exists() and "checkpoints removed" in r.stderr
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
     assert hf.config.vocab_size == 262_144
     g = run_cli("generate", "--model", str(out / "final"), "--prompt", "The quick", "--max-new-tokens", "3")
@@ -69,7 +71,9 @@ def _uninterrupted(small_dir, corpus, tmp_path, steps):
     return [x["loss"] for x in read_metrics(out / "metrics.jsonl") if "loss" in x]
 
 
-def test_sigterm_saves_and_resume_continues_the_same_curve(small_dir, corpus, tmp_path):
+def test_sigterm_saves_and_bare_resume_continues_the_same_curve(small_dir, corpus, tmp_path):
+    """SIGTERM saves a checkpoint; ``train --out RUN --resume`` (no other flag: the run's own model, data
+    and settings come from RUN/recipe.toml) continues it to the uninterrupted run's curve."""
     steps = 14
     out = tmp_path / "int"
     cmd = [sys.executable, "-m", "gemmaforge", "train", "--model", str(small_dir), "--data", str(corpus),
@@ -90,9 +94,11 @@ def test_sigterm_saves_and_resume_continues_the_same_curve(small_dir, corpus, tm
         pytest.fail("the run finished before SIGTERM; make it longer")
     assert p.returncode == 128 + signal.SIGTERM, err
     assert "stopped by signal" in err and len(done) < steps
-    r = run_cli("train", "--model", str(small_dir), "--data", str(corpus), "--steps", str(steps), "--out", str(out),
-                "--resume", str(out), *COMMON)
+    assert f"resume with: gemmaforge train --resume {out}" in err
+    r = run_cli("train", "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr
+    # stderr is a pipe: plain lines, no bar (text mode reads a bar's carriage returns as newlines)
+    assert "resumed from" in r.stderr and f"step {steps}/{steps}  loss" in r.stderr and "%|" not in r.stderr
     resumed = [x["loss"] for x in read_metrics(metrics) if "loss" in x]
     full = _uninterrupted(small_dir, corpus, tmp_path, steps)
     assert len(resumed) == len(full) == steps
@@ -124,7 +130,8 @@ def test_bad_inputs(small_dir, corpus, tmp_path):
     _one_line_exit_2(run_cli(*base, "--data", str(corpus), "--out", str(blocker / "x")), "not writable")
     # a checkpoint of a different training shape
     ok = tmp_path / "ok"
-    r = run_cli("train", "--model", str(small_dir), "--data", str(corpus), "--steps", "2", "--out", str(ok), *COMMON)
+    r = run_cli("train", "--model", str(small_dir), "--data", str(corpus), "--steps", "2", "--out", str(ok),
+                "--keep-last", "1", *COMMON)
     assert r.returncode == 0, r.stderr
     _one_line_exit_2(run_cli("train", "--model", str(small_dir), "--data", str(corpus), "--steps", "4",
                              "--resume", str(ok), "--no-progress", "--seq-len", "32"), "incompatible checkpoint")

@@ -37,7 +37,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(dtype="auto")
     for action in p._actions:
         if "--dtype" in action.option_strings:
-            action.help = ("auto (default: bf16 autocast on CUDA, fp32 on CPU, as train's validation), float32 or "
+            action.help = ("auto (default: bf16 autocast on CUDA and on a CPU with native bf16, as train's validation), float32 or "
                            "bfloat16 (autocast; the weights stay fp32)")
     p.add_argument("--data", nargs="+", required=True, help=".txt files, directories of them, or .jsonl")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) applied to the model")
@@ -57,20 +57,11 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _autocast(dtype: str, device):
-    """``--dtype`` -> the autocast dtype around the forward (weights stay fp32, as in training):
-    auto = bf16 on CUDA (what train's validation uses), fp32 on CPU."""
-    import torch
+    """``--dtype`` -> the autocast dtype around the forward (weights stay fp32), the rule train's
+    steps and validation use (``cpu_policy.training_dtype``)."""
+    from ..cpu_policy import training_dtype
 
-    from ..errors import InputError
-
-    d = (dtype or "auto").lower()
-    if d in ("float32", "fp32"):
-        return None
-    if d in ("bfloat16", "bf16"):
-        return torch.bfloat16
-    if d == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    raise InputError(f"--dtype {dtype}: choose auto, float32 or bfloat16")
+    return training_dtype(dtype, device)
 
 
 def _check_flags(a) -> None:

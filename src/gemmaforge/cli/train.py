@@ -3,6 +3,7 @@ parallel layout (``--dp-shard/--tp/--cp/--pp/--ep``); the same ``Trainer`` eithe
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -12,7 +13,8 @@ _TRAIN_FLAGS = [
     # (flag, type, help)
     ("--data", "list", "training data: .txt files, directories of them, or .jsonl (text / prompt+completion / messages)"),
     ("--out", str, "run directory (default runs/<timestamp>)"),
-    ("--steps", int, "optimizer steps"),
+    ("--steps", int, "optimizer steps (default 16)"),
+    ("--epochs", float, "instead of --steps: passes over the packed training rows (steps rounded up)"),
     ("--lr", float, "peak learning rate"),
     ("--min-lr-ratio", float, "final lr as a fraction of the peak"),
     ("--warmup-steps", int, "linear warm-up steps"),
@@ -29,16 +31,24 @@ _TRAIN_FLAGS = [
                            "evaluated and all of --data trains (no split; --val-fraction, --eval-rows ignored)"),
     ("--eval-every", int, "evaluate every N steps"),
     ("--eval-rows", int, "validation rows evaluated"),
-    ("--save-every", int, "checkpoint every N steps"),
-    ("--keep-last", int, "checkpoints kept"),
+    ("--save-every", int, "checkpoint every N steps (default 8); 0: no checkpoint at all, the final export only "
+                          "(such a run cannot be resumed)"),
+    ("--keep-last", int, "checkpoints a finished run keeps, its last step's included (default 0: the newest is "
+                         "kept while the run goes, to resume it if interrupted, and removed once final/ is written)"),
     ("--max-bad-steps", int, "stop after N consecutive non-finite steps"),
-    ("--resume", str, "run dir or checkpoint dir to continue from"),
     ("--loss-chunk-size", int, "rows per chunk of the linear+cross-entropy"),
     ("--lora-rank", int, "train LoRA adapters of this rank instead of all weights"),
     ("--lora-alpha", float, "LoRA alpha (default: rank)"),
     ("--lora-dropout", float, "LoRA dropout"),
     ("--lora-targets", "list", "module names or regexes (default: the seven projections)"),
+    ("--save-dtype", str, "dtype of the exports final/ and adapter/: fp32 (default) or bf16 (checkpoints stay "
+                          "exact fp32)"),
+    ("--max-shard-size", str, "final/ as several safetensors files above this size (default 5GB; e.g. 500MB, 2GiB)"),
+    ("--log", "list", "also log the metrics to: tensorboard (event files in RUN/tensorboard), wandb (RUN/wandb; "
+                      "offline without an API key or with WANDB_MODE=offline)"),
+    ("--log-every", int, "steps per plain log line when no progress bar shows (default: about 50 lines a run)"),
 ]
+_BARE = object()  # --resume without a value
 
 
 
@@ -46,15 +56,29 @@ def register(sub) -> None:
     t = sub.add_parser("train", help="continued pretraining / fine-tuning (default: the embedded 270M on "
                                      "CPython's language reference)")
     add_model_args(t)
-    t.set_defaults(dtype="float32")
-    t.add_argument("--config", default=None, help="recipe.toml whose keys mirror these flags (flags override)")
+    t.set_defaults(dtype=None)  # train's --dtype: auto (default), float32/fp32, bfloat16/bf16
+    for action in t._actions:
+        if "--dtype" in action.option_strings:
+            action.help = ("auto (default): bf16 autocast with fp32 master weights, norms, softmax and loss on CUDA "
+                           "and on a CPU that multiplies bf16 natively (AMX / AVX512-BF16), fp32 elsewhere; "
+                           "float32 or bfloat16 force it (the choice is printed and saved in metrics.jsonl)")
+    t.add_argument("--config", default=None, help="recipe.toml whose keys mirror these flags (flags override); "
+                                                  "a run dir stands for its recipe.toml")
     for flag, typ, help_ in _TRAIN_FLAGS:
         if typ == "list":
             t.add_argument(flag, nargs="+", default=None, help=help_)
         else:
             t.add_argument(flag, type=typ, default=None, help=help_)
-    t.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--resume", nargs="?", const=_BARE, default=None, metavar="DIR",
+                   help="continue a run (its dir, or one checkpoint dir) with its own settings (flags given again "
+                        "override; --steps may grow); without DIR: --out's run")
+    t.add_argument("--no-merge", action="store_true", default=None,
+                   help="LoRA: write adapter/ only, no merged final/")
+    t.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute each block in backward")
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal; otherwise, and with --no-progress, one "
+                        "plain line per logging interval)")
     t.add_argument("--dp-shard", type=int, default=-1, help="FSDP2 shards (-1: world / (cp*tp*pp))")
     t.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     t.add_argument("--cp", type=int, default=1, help="context-parallel ranks (shard each row)")
@@ -69,26 +93,27 @@ def register(sub) -> None:
 
 
 def _values(a) -> dict:
-    from ..train.config import load_recipe
+    """The run's settings: a resumed run's own (its recipe.toml), then --config's, then the flags given."""
+    from ..errors import ConfigError
+    from ..train.config import load_recipe, merge_settings, run_settings
 
-    values = load_recipe(a.config) if a.config else {}
+    flags = {}
     for flag, _, _ in _TRAIN_FLAGS:
         key = flag[2:].replace("-", "_")
-        v = getattr(a, key)
-        if v is not None:
-            values[key] = v
-    for key in ("model", "device", "attn_backend"):
         if getattr(a, key) is not None:
-            values[key] = getattr(a, key)
-    if a.dtype != "float32":
-        values["dtype"] = a.dtype
-    if a.activation_checkpointing:
-        values["activation_checkpointing"] = True
-    if a.no_progress:
-        values["progress"] = False
-    if isinstance(values.get("data"), str):
-        values["data"] = [values["data"]]
-    return values
+            flags[key] = getattr(a, key)
+    for key in ("model", "device", "attn_backend", "dtype", "activation_checkpointing", "no_merge", "progress"):
+        if getattr(a, key) is not None:
+            flags[key] = getattr(a, key)
+    own = {}
+    if a.resume is _BARE:
+        if "out" not in flags:
+            raise ConfigError("--resume without a path continues --out's run: give --out RUN_DIR (or --resume RUN_DIR)")
+        a.resume = flags["out"]
+    if a.resume is not None:
+        flags["resume"] = a.resume
+        own = run_settings(a.resume)
+    return merge_settings(own, load_recipe(a.config) if a.config else {}, flags)
 
 
 def cmd_train(a) -> int:

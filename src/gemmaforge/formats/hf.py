@@ -221,8 +221,25 @@ def generation_config(cfg, tokenizer=None) -> dict:
             "pad_token_id": cfg.pad_token_id}
 
 
-def save_hf(model: torch.nn.Module, dst: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
-    """Write an HF-format dir (config.json, model.safetensors, generation_config.json, tokenizer files)."""
+def _shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    """The tensors in order, cut into parts of at most ``max_bytes`` (a larger tensor alone in its part)."""
+    parts: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if max_bytes is not None and parts[-1] and size + n > max_bytes:
+            parts.append({})
+            size = 0
+        parts[-1][k] = v
+        size += n
+    return parts
+
+
+def save_hf(model: torch.nn.Module, dst: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
+            max_shard_size: int | None = None) -> Path:
+    """Write an HF-format dir (config.json, model.safetensors, generation_config.json, tokenizer files).
+    Above ``max_shard_size`` bytes of tensors: ``model-0000N-of-0000M.safetensors`` files and
+    ``model.safetensors.index.json``, as ``transformers`` writes and reads them."""
     dst = Path(dst)
     state = export_state(model)
     if dtype is not None:
@@ -233,7 +250,18 @@ def save_hf(model: torch.nn.Module, dst: str | Path, tokenizer=None, dtype: torc
         hf_cfg["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg, tokenizer), indent=2) + "\n")
-        save_file({k: v.cpu() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        parts = _shards({k: v.cpu() for k, v in state.items()}, max_shard_size)
+        if len(parts) == 1:
+            save_file(parts[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, part in enumerate(parts, 1):
+                name = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+                save_file(part, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(part, name))
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
     return dst

@@ -26,8 +26,10 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if ".lora_A." in k or ".lora_B." in k}
 
 
-def save_adapter(model: nn.Module, directory: str | Path, base_model_name: str | None = None) -> Path:
-    """``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT writes them."""
+def save_adapter(model: nn.Module, directory: str | Path, base_model_name: str | None = None,
+                 dtype: torch.dtype | None = None) -> Path:
+    """``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT writes them (``dtype``: the
+    tensors' on disk, default as trained)."""
     cfg: LoraConfig = model.transforms.lora
     mods = sorted({n.rsplit(".", 1)[-1] for n in lora_modules(model)})
     conf = {
@@ -40,7 +42,10 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name: str |
     d = Path(directory)
     with atomic_dir(d) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(conf, indent=2) + "\n")
-        save_file(adapter_state(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        state = adapter_state(model)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     return d
 
 

@@ -99,6 +99,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .cpu_caps import native_bf16
+
 __all__ = [
     "chunked_cross_entropy",
     "chunked_logprobs",
@@ -151,9 +153,10 @@ def _check_softcap(softcap: Optional[float]) -> Optional[float]:
 def _check_grad_buffer(buf: torch.Tensor, weight: torch.Tensor, lowp: Optional[torch.dtype]) -> None:
     want = (tuple(weight.shape), torch.float32, weight.device)
     got = (tuple(buf.shape), buf.dtype, buf.device)
-    if got != want or not buf.is_contiguous() or weight.dtype != torch.float32 or lowp is not None:
+    if got != want or not buf.is_contiguous() or weight.dtype != torch.float32 \
+            or (lowp is not None and weight.device.type != "cpu"):
         raise ValueError(f"weight_grad_buffer must be a contiguous fp32 {list(weight.shape)} tensor on "
-                         f"{weight.device} for an fp32 weight outside autocast; got {buf.dtype} "
+                         f"{weight.device} for an fp32 weight (outside CUDA autocast); got {buf.dtype} "
                          f"{list(buf.shape)} on {buf.device} for a {weight.dtype} weight")
     g = weight.grad
     if g is not None and g.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():
@@ -228,9 +231,14 @@ def _block_rows(device: torch.device) -> int:
 _OUT_DTYPE_MM: dict = {}
 
 
-def _lowp_gemm_dtype(h: torch.Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype when the caller runs under CUDA autocast and ``torch.mm`` can multiply
-    that dtype into fp32 (``out_dtype``); else None (fp32 GEMMs)."""
+def _lowp_gemm_dtype(h: torch.Tensor, weight: Optional[torch.Tensor] = None) -> Optional[torch.dtype]:
+    """The dtype of the fused cross-entropy's GEMM operands, or None (fp32 GEMMs).
+
+    CUDA: the autocast dtype when the caller runs under CUDA autocast and ``torch.mm`` can multiply
+    that dtype into fp32 (``out_dtype``). CPU: bf16 when ``h`` is bf16 over an fp32 ``weight`` (the
+    hidden states of a bf16-autocast forward of an fp32 model, see ``_cpu_lowp``)."""
+    if h.device.type == "cpu":
+        return _cpu_lowp(h, weight)
     if h.device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
         return None
     dt = torch.get_autocast_dtype("cuda")
@@ -246,6 +254,23 @@ def _lowp_gemm_dtype(h: torch.Tensor) -> Optional[torch.dtype]:
     return dt if _OUT_DTYPE_MM[dt] else None
 
 
+def _cpu_lowp(h: torch.Tensor, weight: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    """bf16 when ``h`` is bf16, ``weight`` fp32 and the CPU multiplies bf16 natively
+    (``cpu_policy.native_bf16``); else None.
+
+    A CPU bf16-autocast step hands the loss bf16 hidden states (its final norm returns the autocast
+    dtype) over the fp32 master weight: its three GEMMs then take bf16 operands like every other
+    matmul of the step (the logits are 60% of a 270M step's FLOPs; bf16 multiplied them ~4x faster
+    than fp32 on AVX512-BF16). CPU ``torch.mm`` has no fp32 output for bf16 operands (``out_dtype``
+    is CUDA-only in torch 2.13), so each product is accumulated in fp32 inside oneDNN and rounded
+    once to bf16: the logits carry bf16 rounding (~2^-9 relative, as the operands do), the
+    softmax, log-sum-exp, losses and the gradients' accumulation over vocabulary blocks stay fp32.
+    Both bf16 (a bf16 model) or both fp32 keep the exact fp32 path."""
+    if h.dtype != torch.bfloat16 or weight is None or weight.dtype != torch.float32:
+        return None
+    return torch.bfloat16 if native_bf16() else None
+
+
 def _vocab_blocks(v: int, block: int, c: int, tile: torch.Tensor, reverse: bool = False):
     """``(b0, b1, t)`` per block of ``block`` vocabulary rows, ``t`` the ``[b1 - b0, C]`` view of the flat ``tile``."""
     starts = range(0, v, block)
@@ -254,16 +279,22 @@ def _vocab_blocks(v: int, block: int, c: int, tile: torch.Tensor, reverse: bool 
         yield b0, b1, tile[: (b1 - b0) * c].view(b1 - b0, c)
 
 
-def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool, lowp: Optional[torch.dtype]):
-    """``out (+)= a @ b`` into an fp32 ``out``; with ``lowp`` the operands are in that dtype and the
-    product is accumulated and returned in fp32 (``out_dtype``), as autocast's matmuls are."""
-    if lowp is None:
+def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool, lowp: Optional[torch.dtype],
+          tmp: Optional[torch.Tensor] = None):
+    """``out (+)= a @ b``; with ``lowp`` the operands are in that dtype and the product is accumulated
+    in fp32: returned in fp32 on CUDA (``out_dtype``), as autocast's matmuls are; on CPU rounded once
+    to ``lowp`` (into ``tmp``, a ``lowp`` buffer of ``out``'s shape, when given) and then added into
+    ``out``. An ``out`` of ``a``'s dtype (CPU bf16 logits) takes the product directly."""
+    if lowp is None or out.dtype == a.dtype:
         if accumulate:
             out.addmm_(a, b)
         else:
             torch.mm(a, b, out=out)
         return
-    r = torch.mm(a, b, out_dtype=torch.float32)
+    if a.device.type == "cpu":
+        r = torch.mm(a, b, out=tmp) if tmp is not None else torch.mm(a, b)
+    else:
+        r = torch.mm(a, b, out_dtype=torch.float32)
     out.add_(r) if accumulate else out.copy_(r)
 
 
@@ -278,11 +309,15 @@ def _ce_chunk(
     gw_out: Optional[torch.Tensor],
     accumulate: bool,
     lowp: Optional[torch.dtype] = None,
+    cpu: Optional["_CPULowp"] = None,
 ) -> torch.Tensor:
     """Token losses of one chunk; writes d(sum loss)/d(hidden) and (+)= d(sum loss)/d(weight).
 
     ``h_c`` [C, H] fp32, ``wc`` [V, H] fp32, ``y_c`` [C] valid labels, ``tile`` a flat fp32 buffer
-    of at least ``min(block, V) * C`` elements. The logits are formed
+    of at least ``min(block, V) * C`` elements. With ``lowp`` (``_lowp_gemm_dtype``) ``h_c`` and
+    ``wc`` are in that dtype; on CPU (``cpu``: its bf16 buffers) ``zt`` is bf16 too (the GEMM's own
+    output; every pass reads it into fp32) and may share the first ``2 * V * C`` bytes of the fp32
+    gradient buffer for ``C <= 2 H`` by the same argument. The logits are formed
     transposed, ``zt = wc @ h_c.T`` [V, C] (the GEMM shape MKL runs fastest; ``h @ W.T`` over the
     row-major table is its slowest), then two passes over vocabulary blocks: the log-sum-exp
     statistics, and, in *reverse* block order, the block's ``softmax - onehot`` in the small
@@ -300,7 +335,7 @@ def _ce_chunk(
         scale = float(softcap)
     else:
         scale = 1.0
-    tgt = zt[y_c, cols] * scale
+    tgt = zt[y_c, cols].float() * scale  # (CPU bf16 logits: fp32 from here on)
     # pass 1: online log-sum-exp over the blocks (each block is read while it sits in cache)
     m = torch.full((c,), float("-inf"), dtype=torch.float32, device=h_c.device)
     s = torch.zeros(c, dtype=torch.float32, device=h_c.device)
@@ -329,13 +364,29 @@ def _ce_chunk(
         p.index_put_((((y_c - b0).clamp_(0, b1 - b0 - 1)), cols), hit.neg_(), accumulate=True)
         if softcap is not None:
             # d/dz [cap * tanh(z / cap)] = 1 - tanh(z / cap)^2 (read before the gradient overwrites zb)
-            p.mul_(zb.square().neg_().add_(1.0))
-        pg = p if lowp is None else p.to(lowp)
+            p.mul_((zb.square() if zb.dtype == torch.float32 else zb.float().square_()).neg_().add_(1.0))
+        if lowp is None:
+            pg = p
+        elif cpu is None:
+            pg = p.to(lowp)
+        else:  # CPU: the block's softmax in bf16, and bf16 products, in buffers reused by every block
+            pg = cpu.pg[: p.numel()].view(p.shape).copy_(p)
         if gh_out is not None:
-            _gemm(pg.t(), wc[b0:b1], gh_out, i > 0, lowp)
+            _gemm(pg.t(), wc[b0:b1], gh_out, i > 0, lowp, cpu.gh[:c] if cpu is not None else None)
         if gw_out is not None:
-            _gemm(pg, h_c, gw_out[b0:b1], accumulate, lowp)
+            _gemm(pg, h_c, gw_out[b0:b1], accumulate, lowp,
+                  cpu.gw[: (b1 - b0) * h_c.shape[1]].view(b1 - b0, -1) if cpu is not None else None)
     return loss
+
+
+class _CPULowp:
+    """The CPU bf16 path's per-call buffers: a block's softmax (``pg``) and the two gradient products
+    (``gh`` [C, H], ``gw`` [block, H]) in bf16, before they are added into the fp32 gradients."""
+
+    def __init__(self, block: int, c: int, hdim: int, dtype: torch.dtype, device: torch.device):
+        self.pg = torch.empty(block * c, dtype=dtype, device=device)
+        self.gh = torch.empty(c, hdim, dtype=dtype, device=device)
+        self.gw = torch.empty(block * hdim, dtype=dtype, device=device)
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -350,12 +401,17 @@ class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @_fp32_region
     def forward(ctx, h, weight, y, softcap, chunk_size, need_gh, need_gw, lowp=None, gw_buffer=None,
-                logits_buffer=None):
+                logits_buffer=None, weight_lowp=None):
         n_in, hdim = h.shape
         v = weight.shape[0]
         dev = h.device
-        wc = _fp32(weight) if lowp is None else weight.to(lowp)
+        if lowp is None:
+            wc = _fp32(weight)
+        else:
+            wc = weight_lowp if weight_lowp is not None and weight_lowp.dtype == lowp else weight.to(lowp)
         hc = _fp32(h) if lowp is None else h.to(lowp)
+        # CPU bf16: the logits are the GEMM's bf16 output (no fp32-output bf16 GEMM on CPU)
+        zdt = lowp if lowp is not None and dev.type == "cpu" else torch.float32
         n = -(-n_in // _ROW_ALIGN) * _ROW_ALIGN
         if n != n_in:
             # Zero rows up to a multiple of _ROW_ALIGN: the logits GEMM writes [V, n] rows, and
@@ -372,25 +428,28 @@ class _FusedCrossEntropy(torch.autograd.Function):
             gw = gw_buffer.detach()  # its own tensor over the buffer's memory: autograd adopts it, no copy
         else:
             gw = torch.empty((v, hdim), dtype=torch.float32, device=dev)
-        first = min(n, hdim) if need_gw else 0
-        tile = torch.empty(min(_block_rows(dev), v) * max(min(n, max(first, chunk_size)), 1),
-                           dtype=torch.float32, device=dev)  # flat: viewed [block, C] per chunk
+        per = 4 // zdt.itemsize  # logits per fp32 element of the buffers
+        first = min(n, hdim * per) if need_gw else 0
+        rows = max(min(n, max(first, chunk_size)), 1)
+        block = min(_block_rows(dev), v)
+        tile = torch.empty(block * rows, dtype=torch.float32, device=dev)  # flat: viewed [block, C] per chunk
+        cpu = _CPULowp(block, rows, hdim, zdt, dev) if zdt != torch.float32 else None
         ws = None
         s = 0
         while s < n:
             if s == 0 and first:
                 e = first
-                zt = gw.view(-1)[: v * e].view(v, e)
+                zt = gw.view(-1).view(zdt)[: v * e].view(v, e)
             else:
                 e = min(s + chunk_size, n)
                 if ws is None:
-                    ws = logits_buffer.view(-1) if logits_buffer is not None else \
-                        torch.empty(v * min(chunk_size, n - s), dtype=torch.float32, device=dev)
+                    ws = logits_buffer.view(-1).view(zdt) if logits_buffer is not None else \
+                        torch.empty(v * min(chunk_size, n - s), dtype=zdt, device=dev)
                 zt = ws[: v * (e - s)].view(v, e - s)
             losses[s:e] = _ce_chunk(hc[s:e], wc, y[s:e], softcap, zt, tile, gh[s:e] if need_gh else None,
-                                    gw, accumulate=s > 0, lowp=lowp)
+                                    gw, accumulate=s > 0, lowp=lowp, cpu=cpu)
             s = e
-        del wc, hc, ws, tile
+        del wc, hc, ws, tile, cpu
         if need_gw and n == 0:
             gw.zero_()
         # Keep the saved gradients in the inputs' dtypes (halves them for bf16).
@@ -417,7 +476,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 gh.mul_(grad_out.to(gh.dtype))
             if gw is not None:
                 gw.mul_(grad_out.to(gw.dtype))
-        return gh, gw, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- #
@@ -552,6 +611,7 @@ def chunked_cross_entropy(
     ignore_index: int = -100,
     weight_grad_buffer: Optional[torch.Tensor] = None,
     logits_buffer: Optional[torch.Tensor] = None,
+    weight_lowp: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``softcap(hidden @ weight.T)`` against ``labels`` without
     materialising the ``[N, V]`` logits.
@@ -579,6 +639,10 @@ def chunked_cross_entropy(
             allocation each call (a frozen head, e.g. LoRA: 268 MB for Gemma 3 270M at chunk 256;
             with ``weight_grad_buffer`` only rows beyond the first ``H`` need it). Reused by a
             training loop from step to step.
+        weight_lowp: optional ``weight`` already cast to the low-precision GEMM dtype (CPU: bf16
+            hidden states over an fp32 weight, see ``_cpu_lowp``), kept by the caller so the
+            ``[V, H]`` cast is not repeated; it must hold ``weight``'s current values. Ignored when
+            the GEMMs are fp32.
 
     Returns:
         fp32 scalar (``"sum"``/``"mean"``) or fp32 tensor shaped like ``labels``.
@@ -610,13 +674,13 @@ def chunked_cross_entropy(
     grad_on = torch.is_grad_enabled()
     need_gh = grad_on and hidden.requires_grad
     need_gw = grad_on and weight.requires_grad
-    lowp = _lowp_gemm_dtype(h_v)
+    lowp = _lowp_gemm_dtype(h_v, weight)
     if weight_grad_buffer is not None:
         _check_grad_buffer(weight_grad_buffer, weight, lowp)
     if logits_buffer is not None:
         _check_logits_buffer(logits_buffer, h_v.device, chunk_size, vocab)
     total = _FusedCrossEntropy.apply(h_v, weight, y_v, softcap, chunk_size, need_gh, need_gw, lowp,
-                                     weight_grad_buffer if need_gw else None, logits_buffer)
+                                     weight_grad_buffer if need_gw else None, logits_buffer, weight_lowp)
     if reduction == "mean":
         # nan when nothing is valid, like F.cross_entropy (whose gradients are then 0)
         total = total / n_valid if n_valid > 0 else total * 0.0 + float("nan")

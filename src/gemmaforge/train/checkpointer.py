@@ -17,7 +17,10 @@ dir into place, so a kill at any moment leaves either the complete new checkpoin
 previous checkpoints untouched. Pruning renames a checkpoint to a hidden name before deleting it.
 
 DCP reshards on load: a checkpoint written by FSDP2 x 2 loads into one plain process, into TP x 2,
-into a pipeline stage... (parameter names never change under the parallel transforms).
+into a pipeline stage... (parameter names never change under the parallel transforms). With
+``trainable_only`` (what the Trainer writes) frozen parameters are left out: a LoRA checkpoint holds
+the adapter, its AdamW moments and the run state, never the frozen base (reloaded from the model
+source; the Trainer's fingerprint ties the checkpoint to that base).
 
 A checkpoint is *complete* only if ``meta.json`` parses, carries the completeness marker, and every
 file it lists exists with the recorded size (and sha256, unless ``verify="size"``); the newest
@@ -132,13 +135,14 @@ def _first_line(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- model and optimizer state
 
-def _options(strict: bool = True):
+def _options(strict: bool = True, trainable_only: bool = False):
     """Optimizer state flattened to ``state.<fqn>.<key>`` / ``param_groups.<fqn>.<key>``: every rank
     saves and loads the group settings of its own parameters (unflattened, ``param_groups`` is one
-    object that DCP keeps from a single rank, wrong wherever ranks hold different parameters)."""
+    object that DCP keeps from a single rank, wrong wherever ranks hold different parameters).
+    ``trainable_only``: frozen parameters (a LoRA run's base model) are left out."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(flatten_optimizer_state_dict=True, strict=strict)
+    return StateDictOptions(flatten_optimizer_state_dict=True, strict=strict, ignore_frozen_params=trainable_only)
 
 
 def _tied_head(model) -> bool:
@@ -147,14 +151,15 @@ def _tied_head(model) -> bool:
     return head is not None and emb is not None and head.weight is emb.weight
 
 
-def _dcp_state(model, optimizer) -> dict:
-    """``{"model": ..., "optim": ...}`` keyed by parameter name; a tied head only as the embedding."""
+def _dcp_state(model, optimizer, trainable_only: bool = False) -> dict:
+    """``{"model": ..., "optim": ...}`` keyed by parameter name; a tied head only as the embedding;
+    ``trainable_only``: without the frozen parameters."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if optimizer is None:
-        msd, state = get_model_state_dict(model), {}
+        msd, state = get_model_state_dict(model, options=_options(trainable_only=trainable_only)), {}
     else:
-        msd, osd = get_state_dict(model, optimizer, options=_options())
+        msd, osd = get_state_dict(model, optimizer, options=_options(trainable_only=trainable_only))
         state = {"optim": osd}
     if _tied_head(model):
         msd.pop("lm_head.weight", None)
@@ -162,11 +167,11 @@ def _dcp_state(model, optimizer) -> dict:
     return state
 
 
-def _model_shapes(model) -> dict[str, tuple]:
+def _model_shapes(model, trainable_only: bool = False) -> dict[str, tuple]:
     """Parameter and persistent-buffer names of ``model`` with their global shapes, as saved."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    sd = get_model_state_dict(model)
+    sd = get_model_state_dict(model, options=_options(trainable_only=trainable_only))
     if _tied_head(model):
         sd.pop("lm_head.weight", None)
     return {k: tuple(v.shape) for k, v in sd.items()}
@@ -210,9 +215,12 @@ def _tuples(x):
 
 def save_train_state(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Module, optimizer=None,
                      scheduler=None, data_state: dict | None = None, extra: dict | None = None,
-                     keep_last: int | None = 3) -> Path:
+                     keep_last: int | None = 3, trainable_only: bool = False) -> Path:
     """Atomically write ``run_dir/checkpoints/step-{step:06d}/`` (collective: every rank calls it);
     keep the newest ``keep_last`` complete checkpoints (``None``: keep all). Returns the checkpoint dir.
+
+    ``trainable_only``: the frozen parameters (a LoRA run's base model) are not written: the model they
+    load into must hold them already (``load_train_state(..., trainable_only=True)``); meta.json says so.
 
     ``extra`` is stored as JSON (values JSON cannot hold are written as ``str(value)``);
     ``data_state`` with ``torch.save`` (tensors, numbers, strings, tuples, dicts round-trip).
@@ -232,7 +240,7 @@ def save_train_state(run_dir: str | os.PathLike, step: int, *, model: torch.nn.M
         tmp = make_temp_dir(f".{dst.name}.tmp-", root)
     tmp = Path(_from_rank0(tmp))
     with _single_process_quiet():
-        dcp.save(_dcp_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
+        dcp.save(_dcp_state(model, optimizer, trainable_only), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
                  no_dist=not _distributed())
     torch.save(_rng_state(), tmp / f"rng-rank{_rank()}.pt")
     _fsync_file(tmp / f"rng-rank{_rank()}.pt")
@@ -249,7 +257,7 @@ def save_train_state(run_dir: str | os.PathLike, step: int, *, model: torch.nn.M
             files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
         meta = {"format": FORMAT, "version": VERSION, "step": step, "time": time.time(),
                 "world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
-                "has_optimizer": optimizer is not None, "files": files,
+                "has_optimizer": optimizer is not None, "trainable_only": trainable_only, "files": files,
                 "complete": True}  # the completeness marker: meta.json is written last
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _fsync_file(tmp / "meta.json")
@@ -285,6 +293,26 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     _fsync_dir(root)
 
+
+
+def remove_checkpoints(run_dir: str | os.PathLike) -> int:
+    """Delete every checkpoint of ``run_dir`` (collective: rank 0 deletes, every rank waits); each
+    ``step-N`` name vanishes whole (renamed, then deleted), and ``checkpoints/`` goes if left empty.
+    Returns how many were removed."""
+    root = Path(run_dir) / CHECKPOINTS
+    n = 0
+    if _rank() == 0 and root.is_dir():
+        _remove_stale(root)
+        for _, d in _step_dirs(root):
+            trash = d.with_name(f".{d.name}.del-{os.getpid()}")
+            os.replace(d, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            n += 1
+        _fsync_dir(root)
+        with contextlib.suppress(OSError):
+            root.rmdir()
+    _barrier()
+    return n
 
 
 # ----------------------------------------------------------------------------- validity
@@ -424,7 +452,7 @@ def _first_problem(ckpt: Path, verify: str) -> str | None:
     return _from_rank0(_problem(ckpt, verify) if _rank() == 0 else None)
 
 
-def _check_fits(ckpt: Path, model) -> None:
+def _check_fits(ckpt: Path, model, trainable_only: bool = False) -> None:
     """The model's parameter names and shapes equal the checkpoint's (one line naming the differences);
     a pipeline stage holds a part of the model: the checkpoint's other tensors are not its own."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -435,7 +463,7 @@ def _check_fits(ckpt: Path, model) -> None:
         raise CheckpointError(f"{ckpt / '.metadata'}: unreadable ({_first_line(e)})") from None
     saved = {k[len("model."):]: tuple(v.size) for k, v in md.state_dict_metadata.items()
              if k.startswith("model.") and hasattr(v, "size")}
-    expected = _model_shapes(model)
+    expected = _model_shapes(model, trainable_only)
     missing = sorted(expected.keys() - saved.keys())
     unexpected = [] if pipeline_stage(model) is not None else sorted(saved.keys() - expected.keys())
     shaped = sorted(f"{k} (checkpoint {saved[k]}, model {expected[k]})"
@@ -461,14 +489,15 @@ def _read_json_file(path: Path):
 
 
 def load_train_state(ckpt_dir: str | os.PathLike, *, model: torch.nn.Module, optimizer=None, scheduler=None,
-                     expect_extra: dict | None = None) -> tuple[int, dict, dict]:
+                     expect_extra: dict | None = None, trainable_only: bool = False) -> tuple[int, dict, dict]:
     """Restore model, optimizer, scheduler and RNG states from a checkpoint dir at the current layout
     (collective: every rank calls it); returns ``(step, data_state, extra)``.
 
     Every file is verified (size and sha256), ``expect_extra`` compared and the model's tensors
     checked against the checkpoint's BEFORE any state is touched: a bad or incompatible checkpoint
     raises CheckpointError (one line naming the file, or the dir and the first difference) and
-    leaves model/optimizer/RNG as they were.
+    leaves model/optimizer/RNG as they were. ``trainable_only``: the frozen parameters are not read
+    (the model holds them already: its base weights); a checkpoint saved without them needs it.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
@@ -485,7 +514,10 @@ def load_train_state(ckpt_dir: str | os.PathLike, *, model: torch.nn.Module, opt
         check_extra(ckpt, extra, expect_extra)
     if optimizer is not None and not meta.get("has_optimizer"):
         raise CheckpointError(f"{ckpt}: saved without optimizer state")
-    _check_fits(ckpt, model)
+    if meta.get("trainable_only") and not trainable_only:
+        raise CheckpointError(f"{ckpt}: holds the trainable parameters only (frozen ones come from the base "
+                              f"model): load it with trainable_only=True")
+    _check_fits(ckpt, model, trainable_only)
     sched_sd = _read_json_file(ckpt / "scheduler.json")
     if scheduler is not None and sched_sd is None:
         raise CheckpointError(f"{ckpt / 'scheduler.json'}: the checkpoint holds no scheduler state")
@@ -493,7 +525,7 @@ def load_train_state(ckpt_dir: str | os.PathLike, *, model: torch.nn.Module, opt
     rng_file = ckpt / f"rng-rank{_rank()}.pt"
     rng = _torch_load(rng_file) if rng_file.exists() else None
 
-    state = _dcp_state(model, optimizer)
+    state = _dcp_state(model, optimizer, trainable_only)
     try:
         with _single_process_quiet():
             dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=not _distributed())
@@ -501,10 +533,10 @@ def load_train_state(ckpt_dir: str | os.PathLike, *, model: torch.nn.Module, opt
         raise CheckpointError(f"{ckpt}: cannot load ({_first_line(e)[:300]})") from None
     # strict=False: a tied head is saved once, as the embedding (loading that fills both)
     if optimizer is None:
-        set_model_state_dict(model, state["model"], options=_options(strict=False))
+        set_model_state_dict(model, state["model"], options=_options(False, trainable_only))
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=_options(strict=False))
+                       options=_options(False, trainable_only))
     if scheduler is not None:
         scheduler.load_state_dict(sched_sd)
     if rng is not None:

@@ -32,3 +32,122 @@ def plot_metrics(metrics_path: str | Path, png: str | Path) -> Path:
     fig.savefig(png)
     plt.close(fig)
     return Path(png)
+
+
+def _scalars(row: dict) -> dict[str, float]:
+    """A metrics row's numbers under TensorBoard / wandb tags: ``train/loss``, ``train/lr``, ``val/loss``..."""
+    out = {}
+    for k, v in row.items():
+        if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        out[f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"] = float(v)
+    return out
+
+
+class MetricSinks:
+    """Where a run's metrics rows go besides ``metrics.jsonl``: ``tensorboard`` (event files in
+    ``RUN/tensorboard``; the ``tensorboard`` package) and ``wandb`` (``RUN/wandb``; offline without
+    network or account: ``WANDB_MODE=offline``, or automatically when no API key is configured).
+    ``first_step``: a resumed run's first new step (TensorBoard hides the interrupted run's events from
+    there on). Missing packages or a failing ``wandb.init`` raise one ConfigError line."""
+
+    def __init__(self, names: list[str], run_dir: str | Path, config: dict, first_step: int = 0,
+                 log=lambda msg: None):
+        from ..errors import ConfigError
+
+        self.tb = self.wandb = None
+        run_dir = Path(run_dir)
+        if "tensorboard" in names:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--log tensorboard needs the tensorboard package: pip install "
+                                  "'gemmaforge[tensorboard]'") from None
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                    purge_step=first_step if first_step > 0 else None)
+            log(f"tensorboard: {run_dir / 'tensorboard'} (tensorboard --logdir {run_dir / 'tensorboard'})")
+        if "wandb" in names:
+            self.wandb = _wandb_run(run_dir, config, log)
+
+    def write(self, row: dict) -> None:
+        scalars = _scalars(row)
+        if not scalars:
+            return
+        step = int(row.get("step", 0))
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, global_step=step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _wandb_run(run_dir: Path, config: dict, log):
+    """A wandb run that a resumed run continues (its id is kept in ``RUN/wandb/run-id``)."""
+    import os
+
+    from ..errors import ConfigError
+
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--log wandb needs the wandb package: pip install wandb") from None
+    d = run_dir / "wandb"
+    d.mkdir(exist_ok=True)
+    id_file = d / "run-id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    if not run_id:
+        import secrets
+
+        run_id = secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None and not os.environ.get("WANDB_API_KEY"):
+        try:
+            has_key = bool(wandb.api.api_key)
+        except Exception:  # noqa: BLE001 - no settings / no netrc: no key
+            has_key = False
+        if not has_key:
+            mode = "offline"
+    try:
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gemmaforge"), name=run_dir.name, id=run_id,
+                         resume="allow", dir=str(run_dir), config=config, mode=mode)
+    except Exception as e:  # noqa: BLE001 - wandb's own errors: one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--log wandb: wandb.init failed ({first}); WANDB_MODE=offline logs without network "
+                          f"or account") from None
+    where = f"offline in {d} (wandb sync {d}/offline-run-*)" if mode == "offline" else getattr(run, "url", "")
+    log(f"wandb: run {run_id} {where}".rstrip())
+    return run
+
+
+def plain_line(row: dict, steps: int, elapsed: float, done: int) -> str:
+    """One log line for a step when there is no progress bar: step, loss, lr, grad norm, throughput, time.
+    ``done``: steps this process has run in ``elapsed`` seconds (for the ETA)."""
+    step = row["step"]
+    parts = [f"step {step}/{steps}"]
+    if row.get("skipped"):
+        parts.append("skipped (non-finite)")
+    else:
+        parts.append(f"loss {row['loss']:.4f}")
+    parts.append(f"lr {row['lr']:.3g}")
+    if "grad_norm" in row:
+        parts.append(f"grad_norm {row['grad_norm']:.3g}")
+    parts.append(f"{row.get('tokens_per_s', 0):.0f} tok/s")
+    if "val_loss" in row:
+        parts.append(f"val_loss {row['val_loss']:.4f} (perplexity {row['val_ppl']:.2f})")
+    eta = elapsed / max(done, 1) * (steps - step)
+    parts.append(f"{_clock(elapsed)} elapsed, {_clock(eta)} left")
+    return "  ".join(parts)
+
+
+def _clock(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

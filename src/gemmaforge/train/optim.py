@@ -26,16 +26,29 @@ def param_groups(model, weight_decay: float, decay_all: bool) -> list[dict]:
     return groups
 
 
-def lr_lambda(cfg: TrainConfig):
+def _shape(schedule: str, t: float) -> float:
+    """1 -> 0 over t in [0, 1]."""
+    t = min(max(t, 0.0), 1.0)
+    return 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else 1 - t
+
+
+def lr_lambda(cfg: TrainConfig, anchor: tuple[int, float] | None = None):
+    """The learning-rate factor of step index ``step`` (0-based: the rate of step ``step + 1``): linear
+    warm-up, then ``cfg.schedule`` from 1 down to ``min_lr_ratio`` at ``cfg.steps``.
+
+    ``anchor = (s, f)``: a resumed run whose ``--steps`` changed continues from factor ``f`` at step ``s``
+    (the rate in force when it was saved) down to ``min_lr_ratio`` at the new ``cfg.steps``, so the
+    rate never rises again (a constant schedule has nothing to re-fit)."""
     def f(step: int) -> float:
+        if anchor is not None and step >= anchor[0] and cfg.schedule != "constant":
+            s0, f0 = anchor
+            return cfg.min_lr_ratio + (f0 - cfg.min_lr_ratio) * _shape(cfg.schedule, (step - s0) / max(1, cfg.steps - s0))
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.schedule == "constant":
             return 1.0
         t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        t = min(max(t, 0.0), 1.0)
-        shape = 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else 1 - t
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * _shape(cfg.schedule, t)
 
     return f
 

@@ -15,9 +15,12 @@ logs, writes metrics, plots and the final HF export; checkpoints are written by 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import random
+import re
+import shutil
 import signal
 import sys
 import time
@@ -35,7 +38,7 @@ from ..formats.convert import load_any, load_tokenizer
 from ..formats.hf import load_into, save_hf
 from ..formats.peft import save_adapter
 from ..formats.resolve import resolve
-from ..models.registry import build_model
+from ..models.registry import build_model, load_config
 from ..parallel.checkpointing import apply_activation_checkpointing
 from ..parallel.compile import compile_blocks
 from ..parallel.dims import LayoutError, ParallelConfig, ParallelDims, pipeline_schedule_name
@@ -44,11 +47,11 @@ from ..parallel.parallelize import parallelize
 from ..parallel.pp import Pipeline
 from ..parallel.process import get_world_size, init_distributed, is_distributed, is_rank0, rank0_log, shard_items
 from ..parallel.state import full_state_dict
-from .checkpointer import latest_checkpoint, load_train_state, save_train_state
-from .config import TrainConfig
+from .checkpointer import latest_checkpoint, load_train_state, remove_checkpoints, save_train_state
+from .config import SAVE_DTYPES, TrainConfig, absolute_paths, run_dir_of, shard_bytes, write_recipe
 from .data import RowStream, builtin_corpus
 from .health import clip_grads_, grad_norm_and_finite, locate_in_step
-from .metrics import plot_metrics
+from .metrics import MetricSinks, plain_line, plot_metrics
 from .objectives import CausalLMLoss
 from .optim import build_optimizer, lr_lambda
 from .step import StepLayout, forward_backward, micro_batch_loss
@@ -87,23 +90,42 @@ class Trainer:
         self.pcfg = parallel or ParallelConfig(activation_checkpointing=bool(cfg.activation_checkpointing))
         self.dims = self._check_layout(dims)  # before any data or model is loaded: a wrong layout fails at start
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.autocast = torch.bfloat16 if self.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16", "bf16") \
-            else None
+        # --dtype: bf16 autocast (fp32 master weights, norms, softmax, loss) on CUDA, and on a CPU that
+        # multiplies bf16 natively (cpu_policy.native_bf16); fp32 elsewhere; forced by bfloat16 / float32
+        self.autocast = cpu_policy.training_dtype(cfg.dtype, self.device)
+        self.dtype_note = cpu_policy.describe_dtype(cfg.dtype, self.device, self.autocast)
         if self.autocast is not None:
             # the fp32 parts of a bf16 run (the chunked LM-head loss) use TF32 tensor cores, not IEEE fp32
             torch.backends.cuda.matmul.allow_tf32 = True
         if not is_rank0():
             cfg.progress = False
+        # the progress bar where stderr is a terminal (or asked for); otherwise one plain line per interval
+        self.show_bar = is_rank0() and bool(cfg.progress if cfg.progress is not None else sys.stderr.isatty())
+        self.warnings: list[str] = []
+        self._created: list[Path] = []  # the run dir and parents this run created (removed if it fails at once)
         self.out = self._prepare_out()
+        try:
+            self._setup(model, tokenizer, train_docs, val_docs, objective)
+        except BaseException:
+            self._discard_out()
+            raise
+
+    def _setup(self, model, tokenizer, train_docs, val_docs, objective) -> None:
+        cfg = self.cfg
         self._set_seed(cfg.seed)
         # tokenizer and data first: bad data fails in a second, before the model loads
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
+        self._check_context(self._early_context(model))
         self.train_rows, self.val_rows = self._load_data(train_docs, val_docs)
+        self.data_id = _rows_id(self.train_rows)
+        self._resolve_steps()
         self.pipe = None
+        self.base_id = None  # the frozen weights' identity (LoRA): a checkpoint without them names its base
         self.model = self._build_model(model)
         self.cpu = cpu_policy.for_training(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg)
+        self._anchor: tuple[int, float] | None = None  # where a resumed run with other --steps re-fits the decay
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.objective = objective or CausalLMLoss(chunk_size=cfg.loss_chunk_size)
         self.layout = StepLayout.of(self.model, self.pipe)
@@ -114,6 +136,7 @@ class Trainer:
         self.bad_in_a_row = 0
         self.metrics_path = self.out / "metrics.jsonl"
         self._stop_signal: int | None = None
+        self.sinks = None
         if cfg.resume:
             self._resume(cfg.resume)
 
@@ -160,10 +183,10 @@ class Trainer:
     def _make_out(self) -> Path:
         cfg = self.cfg
         if cfg.out is None and cfg.resume:
-            r = Path(cfg.resume)
-            cfg.out = str(r.parent.parent if r.parent.name == "checkpoints" else r)
+            cfg.out = str(run_dir_of(cfg.resume))
         out = Path(cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         try:
+            self._created = [d for d in (out, *out.parents) if not d.exists()]
             out.mkdir(parents=True, exist_ok=True)
             probe = out / ".write-test"
             probe.write_text("ok")
@@ -171,6 +194,21 @@ class Trainer:
         except OSError as e:
             raise ConfigError(f"--out {out}: not writable ({e.strerror or e})") from None
         return out
+
+    def _discard_out(self) -> None:
+        """A run that failed before it trained a step leaves no directory behind (only one it created)."""
+        if not is_rank0() or not self._created:
+            return
+        out = self._created[0]
+        if (out / "checkpoints").exists() or (out / "final").exists():
+            return
+        shutil.rmtree(out, ignore_errors=True)
+        for d in self._created[1:]:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        self._created = []
 
     def _set_seed(self, seed: int) -> None:
         random.seed(seed)
@@ -210,6 +248,43 @@ class Trainer:
         self.log(f"data: {len(train_docs)} train docs -> {st}; {len(val_rows)} validation rows{src}")
         return train_rows, val_rows
 
+    def _early_context(self, model) -> int | None:
+        """The model's context length before the data is packed, where it is cheap to know (a given
+        model, an HF dir's config.json); None otherwise (checked once the model is loaded)."""
+        ctx = None
+        if is_rank0():
+            try:
+                if model is not None:
+                    ctx = int(model.config.max_position_embeddings)
+                else:
+                    source = resolve(self.cfg.model)
+                    if source.is_dir() and (source / "config.json").is_file():
+                        ctx = int(load_config(source).max_position_embeddings)
+            except (GemmaforgeError, AttributeError, TypeError, ValueError, OSError):
+                ctx = None  # the model load names the problem
+        return _from_rank0(ctx)
+
+    def _check_context(self, ctx: int | None) -> None:
+        if ctx and self.cfg.seq_len > ctx:
+            raise ConfigError(f"--seq-len {self.cfg.seq_len} is longer than the model's context ({ctx} tokens)")
+
+    def _resolve_steps(self) -> None:
+        """``--epochs`` into steps; a data set too small for one step is reported (its rows repeat within
+        every step)."""
+        cfg = self.cfg
+        rows, per = len(self.train_rows), cfg.accum * cfg.rows_per_micro_batch
+        if cfg.epochs is not None:
+            cfg.steps = max(1, math.ceil(cfg.epochs * rows / per))
+            self.log(f"--epochs {cfg.epochs:g}: {cfg.steps} steps ({rows} packed rows, {per} per step)")
+        else:
+            self.log(f"{cfg.steps} steps of {per} rows: {cfg.steps * per / rows:.2f} epochs of the training rows")
+        if rows < per:
+            msg = (f"data: {rows} packed row{'s' if rows != 1 else ''} but a step takes {per} (--batch-tokens "
+                   f"{cfg.batch_tokens} / --seq-len {cfg.seq_len}): every step repeats rows (each reads the data "
+                   f"{per / rows:.1f} times); lower --batch-tokens for distinct rows in a step")
+            self.warnings.append(msg)
+            self.log("warning: " + msg)
+
     def _lora(self, model) -> None:
         cfg = self.cfg
         if cfg.lora_rank:
@@ -225,8 +300,12 @@ class Trainer:
             self.model_source = str(source.resolve())
             model, _ = load_any(source, dtype=torch.float32,
                                 device="cpu" if self.dims is not None else self.device, with_tokenizer=False)
-        if self.dims is None:
+        if is_rank0():
             self._lora(model)
+            self.base_id = _frozen_id(model)
+        self.base_id = _from_rank0(self.base_id)
+        if self.dims is None:
+            self._check_context(int(model.config.max_position_embeddings))
             if self.pcfg.activation_checkpointing:
                 every = 1 if self.pcfg.activation_checkpointing is True else int(self.pcfg.activation_checkpointing)
                 apply_activation_checkpointing(model, every=every)
@@ -237,9 +316,8 @@ class Trainer:
             return model
         # rank 0 holds the full model (LoRA adapters initialised there); every rank builds its part on
         # the meta device, then rank 0's weights are broadcast shard by shard
-        if is_rank0():
-            self._lora(model)
         config = _from_rank0(model.config if is_rank0() else None)
+        self._check_context(int(config.max_position_embeddings))
         self.dims = self.dims.validate(self.world, config, self.cfg.seq_len)
         mesh = self.dims.build_mesh(self.device.type)
         full = {k: v.detach().cpu() for k, v in model.state_dict().items()} if is_rank0() else {}
@@ -262,10 +340,18 @@ class Trainer:
         return meta
 
     def fingerprint(self) -> dict:
+        """What a checkpoint continues only with: the model, the training shape, the data (its packed
+        rows' digest), the optimizer and schedule settings, LoRA's, and (when parameters are frozen, so
+        not in the checkpoint) the base weights' identity."""
         c = self.cfg
-        return {"model_config": json.loads(json.dumps(self.model.config.to_hf(), default=str)),
-                "seq_len": c.seq_len, "batch_tokens": c.batch_tokens, "micro_batch_rows": c.micro_batch_rows,
-                "lora_rank": c.lora_rank, "seed": c.seed}
+        fp = {"model_config": json.loads(json.dumps(self.model.config.to_hf(), default=str)),
+              "seq_len": c.seq_len, "batch_tokens": c.batch_tokens, "micro_batch_rows": c.micro_batch_rows,
+              "lora_rank": c.lora_rank, "seed": c.seed, "data": self.data_id}
+        for k in _FIXED:
+            fp[k] = getattr(c, k)
+        if self.base_id is not None:
+            fp["base_model"] = self.base_id
+        return fp
 
     # ---- the step ----
     def _micro_batches(self) -> list[dict]:
@@ -349,13 +435,18 @@ class Trainer:
         if is_rank0():
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.sinks is not None:
+                self.sinks.write(row)
 
     def save_checkpoint(self) -> Path:
-        extra = {**self.fingerprint(), "layout": self.dims.describe() if self.dims is not None else "one process"}
+        """The run's state at this step (trainable parameters, their AdamW state, schedule, data position,
+        RNG): a LoRA run's frozen base is not written. Keeps the newest ``keep_last`` (at least 1)."""
+        extra = {**self.fingerprint(), "layout": self.dims.describe() if self.dims is not None else "one process",
+                 "schedule_state": {"steps": self.cfg.steps, "anchor": list(self._anchor) if self._anchor else None}}
         return save_train_state(self.out, self.step, model=self.model, optimizer=self.optimizer,
                                 scheduler=self.scheduler,
                                 data_state={**self.stream.state(), "bad_in_a_row": self.bad_in_a_row},
-                                extra=extra, keep_last=self.cfg.keep_last)
+                                extra=extra, keep_last=max(1, self.cfg.keep_last), trainable_only=True)
 
     def _resume(self, path: str) -> None:
         p = Path(path)
@@ -365,13 +456,32 @@ class Trainer:
                 found = ("error", f"--resume {p}: path does not exist")
             else:
                 ck = p if (p / "meta.json").exists() else latest_checkpoint(p)
-                found = ("ok", str(ck)) if ck is not None else ("error", f"--resume {p}: no complete checkpoint found")
+                if ck is not None:
+                    found = ("ok", str(ck))
+                elif (run_dir_of(p) / "final").is_dir() or (run_dir_of(p) / "adapter").is_dir():
+                    found = ("error", f"--resume {p}: no checkpoint: the run finished and kept none (--keep-last 0; "
+                                      f"--keep-last 1 keeps its last step to continue it); its export can start a "
+                                      f"new run (--model {run_dir_of(p) / 'final'})")
+                else:
+                    found = ("error", f"--resume {p}: no complete checkpoint found")
         status, value = _from_rank0(found)
         if status == "error":
             raise CheckpointError(value)
         ckpt = Path(value)
-        step, data_state, extra = load_train_state(ckpt, model=self.model, optimizer=self.optimizer,
-                                                   scheduler=self.scheduler, expect_extra=self.fingerprint())
+        m = re.match(r"step-(\d+)$", ckpt.name)
+        if m and int(m.group(1)) > self.cfg.steps:
+            raise ConfigError(f"--steps {self.cfg.steps}: the checkpoint {ckpt} is at step {int(m.group(1))} "
+                              f"already; give more --steps to continue the run")
+        try:
+            step, data_state, extra = load_train_state(ckpt, model=self.model, optimizer=self.optimizer,
+                                                       scheduler=self.scheduler, expect_extra=self.fingerprint(),
+                                                       trainable_only=True)
+        except CheckpointError as e:
+            if "incompatible checkpoint" not in str(e):
+                raise
+            raise CheckpointError(f"{e}; a run continues only with its own model, data and optimizer settings "
+                                  f"(--resume RUN_DIR restores them: leave out the flags that differ)") from None
+        self._refit_schedule(step, extra.get("schedule_state") or {})
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr  # the rate in force at the save point
         self.step = step
@@ -383,6 +493,33 @@ class Trainer:
                     if l.strip() and json.loads(l).get("step", 0) <= step]
             self.metrics_path.write_text("".join(l + "\n" for l in keep))
         self.log(f"resumed from {ckpt} at step {step} (saved at {extra.get('layout', 'one process')})")
+
+    def _refit_schedule(self, step: int, saved: dict) -> None:
+        """A resumed run whose ``--steps`` differs from the saved run's keeps a monotonic schedule: past
+        the warm-up, the rate goes on from its value at the save point down to the final rate at the new
+        last step (never back up); during the warm-up the schedule is simply the one of the new length."""
+        cfg = self.cfg
+        old_steps = int(saved.get("steps", cfg.steps))
+        old_anchor = tuple(saved["anchor"]) if saved.get("anchor") else None
+        anchor = old_anchor
+        if old_steps != cfg.steps and cfg.schedule != "constant":
+            f0 = lr_lambda(dataclasses.replace(cfg, steps=old_steps), old_anchor)(step)
+            if step >= cfg.warmup_steps:
+                anchor = (step, f0)
+                lr0, lr1 = cfg.lr * f0, cfg.lr * cfg.min_lr_ratio
+                if f0 <= cfg.min_lr_ratio + 1e-12:
+                    self.log(f"--steps {cfg.steps} (the run had {old_steps}): its {cfg.schedule} schedule had ended at "
+                             f"step {step}, so the learning rate stays at its final {lr1:.3g} (a resumed schedule "
+                             f"never rises again; for a fresh one start a new run from this one's weights)")
+                else:
+                    self.log(f"--steps {cfg.steps} (the run had {old_steps}): the learning rate goes on from "
+                             f"{lr0:.3g} at step {step} down to {lr1:.3g} at step {cfg.steps} (a resumed schedule "
+                             f"never rises again)")
+            else:
+                self.log(f"--steps {cfg.steps} (the run had {old_steps}): resumed in the warm-up, the schedule "
+                         f"decays over {cfg.steps} steps")
+        self._anchor = anchor
+        self.scheduler.lr_lambdas = [lr_lambda(cfg, anchor) for _ in self.optimizer.param_groups]
 
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
@@ -398,21 +535,62 @@ class Trainer:
 
     # ---- main ----
     def run(self) -> dict:
+        """Train to ``cfg.steps``, evaluate, export; returns the summary (``exit_code`` 128 + signal when
+        a SIGINT/SIGTERM stopped it). A run that fails before its first step leaves no run directory."""
         cfg = self.cfg
-        if is_rank0():
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        start = self.step
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if is_rank0():
+                write_recipe(dataclasses.replace(cfg, **absolute_paths(
+                    {k: getattr(cfg, k) for k in ("data", "val_data", "model")})), self.out)
+            self._open_sinks(first_step=start + 1 if start else 0)
             return self._run()
+        except BaseException:
+            if self.step == start == 0 and not (self.out / "metrics.jsonl").exists():
+                self._discard_out()
+            raise
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            if self.sinks is not None:
+                self.sinks.close()
+                self.sinks = None
+
+    def _open_sinks(self, first_step: int) -> None:
+        """TensorBoard / wandb on rank 0; a failure is the same one line on every rank."""
+        err = None
+        if is_rank0() and self.cfg.log:
+            try:
+                config = {k: v for k, v in dataclasses.asdict(self.cfg).items() if v is not None}
+                self.sinks = MetricSinks(self.cfg.log, self.out, config, first_step=first_step, log=self.log)
+            except ConfigError as e:
+                err = str(e)
+        err = _from_rank0(err)
+        if err:
+            raise ConfigError(err)
+
+    def _checkpoint_plan(self) -> str:
+        cfg = self.cfg
+        if not cfg.save_every:
+            return "checkpoints: none (--save-every 0): this run cannot be resumed"
+        if cfg.keep_last:
+            return (f"checkpoints: every {cfg.save_every} steps and the last, the newest {cfg.keep_last} kept "
+                    f"({self.out / 'checkpoints'})")
+        return (f"checkpoints: every {cfg.save_every} steps, the newest kept while the run goes (to resume it if "
+                f"interrupted) and removed when it completes (--keep-last N keeps N, the last step's included)")
 
     def _run(self) -> dict:
         from tqdm import tqdm
 
         cfg = self.cfg
-        summary: dict = {"out": str(self.out)}
+        summary: dict = {"out": str(self.out), "steps": cfg.steps,
+                         "compute_dtype": "bfloat16" if self.autocast is not None else "float32"}
+        self.log(self.dtype_note)
+        self._write_metrics({"step": self.step, "compute_dtype": summary["compute_dtype"], "dtype_note": self.dtype_note})
+        if self.warnings:
+            summary["warnings"] = list(self.warnings)
+        self.log(self._checkpoint_plan())
         if self.step == 0:
             ev = self.evaluate()
             if ev:
@@ -420,7 +598,8 @@ class Trainer:
                 self._write_metrics({"step": 0, **ev})
                 summary["val_before"] = ev
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step", file=sys.stderr,
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=not self.show_bar, dynamic_ncols=True)
+        every, first, t0 = cfg.resolved_log_every, self.step, time.perf_counter()
         while self.step < cfg.steps:
             row = self.train_step()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
@@ -428,15 +607,28 @@ class Trainer:
                 if ev:
                     row.update(ev)
             self._write_metrics(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            bar.update(1)
+            if self.show_bar:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.update(1)
+                if "val_loss" in row:
+                    bar.write(f"step {self.step}: validation loss {row['val_loss']:.4f}, perplexity "
+                              f"{row['val_ppl']:.2f}", file=sys.stderr)
+            elif self.step % every == 0 or self.step in (first + 1, cfg.steps) or "val_loss" in row \
+                    or row.get("skipped"):
+                self.log(plain_line(row, cfg.steps, time.perf_counter() - t0, self.step - first))
             stop = self._stop_requested()
             if stop is not None:
                 bar.close()
-                ck = self.save_checkpoint()
-                self.log(f"stopped by signal at step {self.step}; checkpoint {ck}; resume with --resume {self.out}")
                 summary["interrupted"] = True
                 summary["exit_code"] = 128 + stop
+                if not cfg.save_every:
+                    self.log(f"stopped by signal at step {self.step}; no checkpoint (--save-every 0): this run "
+                             f"cannot be resumed")
+                    return summary
+                ck = self.save_checkpoint()
+                summary["checkpoint"] = str(ck)
+                self.log(f"stopped by signal at step {self.step}; checkpoint {ck}; resume with: gemmaforge train "
+                         f"--resume {self.out}  (its settings are restored; flags given again override)")
                 return summary
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save_checkpoint()
@@ -446,19 +638,26 @@ class Trainer:
             self.log(f"validation after:  loss {ev['val_loss']:.4f}, perplexity {ev['val_ppl']:.2f}")
             self._write_metrics({"step": self.step, **ev})
             summary["val_after"] = ev
-        self.save_checkpoint()
-        self.export()
+        if cfg.save_every and cfg.keep_last:
+            summary["checkpoint"] = str(self.save_checkpoint())
+        summary["final"] = str(self.export())
+        if cfg.save_every and not cfg.keep_last and remove_checkpoints(self.out):
+            self.log(f"checkpoints removed: the run is complete ({summary['final']}); --keep-last 1 keeps the "
+                     f"last step's to continue the run with more --steps")
         if is_rank0():
             self.plot()
         return summary
 
     def export(self) -> Path:
-        """The final model as an HF-format dir (LoRA: an adapter dir too) that generate and transformers
-        load. Collective under a layout (the shards are gathered to rank 0, which writes)."""
+        """The final model as an HF-format dir (LoRA: an adapter dir too; ``no_merge``: the adapter dir
+        only) that generate and transformers load, in ``save_dtype``. Collective under a layout (the
+        shards are gathered to rank 0, which writes). Returns the dir written last (final/ or adapter/)."""
         if self.cpu is not None:
             self.cpu.remove()  # plain modules again: nothing of the CPU policy is copied or saved
             self.cpu = None
+        cfg = self.cfg
         dst = self.out / "final"
+        dtype = getattr(torch, SAVE_DTYPES[cfg.save_dtype])
         if self.dims is None:
             model = self.model
         else:
@@ -469,14 +668,53 @@ class Trainer:
                 self._lora(model)
                 load_into(model, sd, "sharded model", dtype=next(iter(sd.values())).dtype)
         if is_rank0():
-            if self.cfg.lora_rank:
-                save_adapter(model, self.out / "adapter", base_model_name=self.model_source)
-                model = merged_copy(model)
-            save_hf(model, dst, tokenizer=self.tokenizer)
-            self.log(f"final model: {dst}")
+            if cfg.lora_rank:
+                adapter = save_adapter(model, self.out / "adapter", base_model_name=self.model_source, dtype=dtype)
+                self.log(f"adapter: {adapter}")
+                if cfg.no_merge:
+                    dst = adapter
+                else:
+                    model = merged_copy(model)
+            if not (cfg.lora_rank and cfg.no_merge):
+                save_hf(model, dst, tokenizer=self.tokenizer, dtype=dtype, max_shard_size=shard_bytes(cfg.max_shard_size))
+                self.log(f"final model: {dst}")
+        elif cfg.lora_rank and cfg.no_merge:
+            dst = self.out / "adapter"
         if is_distributed():
             dist.barrier()
         return dst
 
     def plot(self) -> Path:
         return plot_metrics(self.metrics_path, self.out / "loss.png")
+
+
+# settings a checkpoint continues only with (besides the model and training shape): the optimizer's and the
+# schedule's (AdamW keeps its hyper-parameters in its state) and LoRA's
+_FIXED = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "decay_norms_and_embeddings", "beta1",
+          "beta2", "eps", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def _rows_id(rows) -> str:
+    """The training rows' identity: their count and a digest of their tokens, labels and boundaries."""
+    h = hashlib.sha256()
+    for r in rows:
+        for t in (r.input_ids, r.labels, r.cu_seqlens):
+            h.update(t.numpy().tobytes())
+    return f"{len(rows)} rows, sha256 {h.hexdigest()[:16]}"
+
+
+def _frozen_id(model) -> str | None:
+    """The frozen parameters' identity (a LoRA run's base weights, left out of its checkpoints): a digest
+    of their names, shapes and 64 values spread over each; None when every parameter trains."""
+    h = hashlib.sha256()
+    n = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                continue
+            flat = p.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel())).long().to(flat.device)
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            h.update(flat[idx].to(torch.float64).cpu().numpy().tobytes())
+            n += 1
+    return f"{n} frozen tensors, sha256 {h.hexdigest()[:16]}" if n else None
