@@ -25,6 +25,9 @@ def test_every_flag_of_every_command_has_help_and_help_shows_defaults():
                 assert a.help, f"gemmaforge {name} {a.option_strings or a.dest}: no help text"
     text = _subparsers()["generate"].format_help()
     assert "(default: 64)" in text  # --max-new-tokens
+    train = _subparsers()["train"]
+    lr = next(a for a in train._actions if "--lr" in a.option_strings)
+    assert "(default: 0.0001)" in lr.help and "(default: 256)" in train.format_help().replace("\n", " ")  # --seq-len
     r = run_cli("inspect", "--help", env=ENV)
     assert r.returncode == 0 and "(default: 5)" in r.stdout  # --top-k
 

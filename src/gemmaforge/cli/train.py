@@ -52,6 +52,21 @@ _BARE = object()  # --resume without a value
 
 
 
+def _config_defaults() -> dict:
+    """TrainConfig's field defaults (what a flag left out means), for --help."""
+    import dataclasses
+
+    from ..train.config import TrainConfig
+
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def register(sub) -> None:
     t = sub.add_parser("train", help="continued pretraining / fine-tuning (default: the embedded 270M on "
                                      "CPython's language reference)")
@@ -64,7 +79,11 @@ def register(sub) -> None:
                            "float32 or bfloat16 force it (the choice is printed and saved in metrics.jsonl)")
     t.add_argument("--config", default=None, help="recipe.toml whose keys mirror these flags (flags override); "
                                                   "a run dir stands for its recipe.toml")
+    defaults = _config_defaults()
     for flag, typ, help_ in _TRAIN_FLAGS:
+        key = flag[2:].replace("-", "_")
+        if "default" not in help_ and defaults.get(key) not in (None, [], ""):
+            help_ = f"{help_} (default: {defaults[key]})"
         if typ == "list":
             t.add_argument(flag, nargs="+", default=None, help=help_)
         else:
