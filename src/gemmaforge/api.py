@@ -25,11 +25,15 @@ def _dtype(dtype) -> torch.dtype:
     return table[dtype]
 
 
-def from_pretrained(path_or_preset: str | os.PathLike | None = None, dtype=torch.float32, device="cpu"):
+def from_pretrained(path_or_preset: str | os.PathLike | None = None, dtype=torch.float32, device="cpu",
+                    text_only: bool = False):
     """Load a model from an HF dir, a .gguf file, or a preset name (``gemma-3-270m`` = embedded default).
 
-    On CPU the model gets the CPU policy's blocked-logits head (``cpu_policy.for_inference``)."""
-    model, _ = load_any(resolve(path_or_preset), dtype=_dtype(dtype), device=device, with_tokenizer=False)
+    A multimodal checkpoint (``Gemma3ForConditionalGeneration``) loads whole, towers included;
+    ``text_only=True`` loads its text decoder alone. On CPU the model gets the CPU policy's
+    blocked-logits head (``cpu_policy.for_inference``)."""
+    model, _ = load_any(resolve(path_or_preset), dtype=_dtype(dtype), device=device, with_tokenizer=False,
+                        text_only=text_only)
     return cpu_policy.for_inference(model)
 
 

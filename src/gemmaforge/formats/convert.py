@@ -12,8 +12,10 @@ from .gguf import load_gguf, load_gguf_tokenizer
 from .hf import load_hf_state, load_into, save_hf
 
 
-def load_any(src: Path, dtype=None, device="cpu", with_tokenizer: bool = True):
+def load_any(src: Path, dtype=None, device="cpu", with_tokenizer: bool = True, text_only: bool = False):
     """(model, tokenizer or None) from an HF dir or a .gguf file.
+
+    A multimodal HF dir builds the whole model (towers included); ``text_only=True`` its text decoder.
 
     ``with_tokenizer=False`` skips parsing an HF dir's tokenizer.json (2 s for Gemma's 262k vocabulary)
     when the caller only wants the model."""
@@ -31,7 +33,7 @@ def load_any(src: Path, dtype=None, device="cpu", with_tokenizer: bool = True):
         cfg = config_from_hf(hf_cfg, str(src))
         tok = Tokenizer.from_json(json.dumps(tok_json))
     else:
-        cfg, sd = load_hf_state(src)
+        cfg, sd = load_hf_state(src, text_only=text_only)
         if with_tokenizer and (src / "tokenizer.json").exists():
             tok = Tokenizer.from_file(src)
     model = build_model(cfg, dtype=dtype, device="meta")

@@ -3,6 +3,14 @@
 Parameter names in gemmaforge equal HF's, so the key map is near-identity: it only strips the
 multimodal wrapper prefix (``model.language_model.`` -> ``model.``) and the tied ``lm_head``.
 Loading is strict: every missing, unexpected or mis-shaped key is named.
+
+Multimodal checkpoints load whole (towers included, every missing or unexpected tower key named):
+the towers live under ``model.`` as in transformers' in-memory model (``model.vision_tower.``,
+``model.multi_modal_projector.``); the checkpoint spellings (the Hub's ``vision_tower.vision_model.``,
+transformers 5's ``vision_tower.``...) map onto them. ``text_only=True`` (``--text-only``) keeps the
+text decoder alone and drops the tower tensors, as does a family whose towers gemmaforge does not
+build. Saving a multimodal model writes the Hub's layout (``language_model.model.``,
+``vision_tower.vision_model.``, ``multi_modal_projector.``), which every transformers version reads.
 """
 
 from __future__ import annotations
@@ -27,13 +35,43 @@ PREFIX_MAP = [
     ("language_model.model.", "model."),
     ("language_model.lm_head.", "lm_head."),
 ]
+# multimodal towers built by gemmaforge: (checkpoint prefix, our prefix), longest first
+TOWER_PREFIX_MAP = [
+    ("model.vision_tower.vision_model.", "model.vision_tower."),
+    ("vision_tower.vision_model.", "model.vision_tower."),
+    ("model.vision_tower.", "model.vision_tower."),
+    ("vision_tower.", "model.vision_tower."),
+    ("model.multi_modal_projector.", "model.multi_modal_projector."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+]
+# our prefix -> the on-disk prefix a multimodal architecture is saved with (the Hub's layout); an
+# architecture not listed is saved with transformers' in-memory names (``hf_module_name``)
+SAVE_PREFIX_MAPS = {
+    "Gemma3ForConditionalGeneration": [
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+    ],
+}
 # checkpoint prefixes that belong to other towers of a multimodal checkpoint (vision, audio, projector)
 FOREIGN_PREFIXES = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.",
                     "model.audio_tower.", "model.embed_vision.", "model.embed_audio.", "model.vision_embedder.")
 
 
+def _is_multimodal(cfg) -> bool:
+    return bool(getattr(cfg, "is_multimodal", False))
+
+
+def _remap(key: str, table) -> str:
+    for src, dst in table:
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return key
+
+
 def hf_to_ours(key: str) -> str:
-    for src, dst in PREFIX_MAP:
+    for src, dst in PREFIX_MAP + TOWER_PREFIX_MAP:
         if key.startswith(src):
             return dst + key[len(src):]
     return key
@@ -93,8 +131,20 @@ def checkpoint_files(d: Path) -> list[Path]:
     raise CheckpointError(f"{d}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_hf_state(d: str | Path):
-    """(config, state_dict with our names) from an HF directory."""
+def hf_module_name(model, name: str) -> str:
+    """transformers' in-memory name of our module/parameter ``name`` (the whole multimodal model maps
+    the text decoder under ``model.language_model.``; a text-only model is the identity)."""
+    if not _is_multimodal(model.config):
+        return name
+    towers = tuple(path + "." for spec in model.media_specs() for path in spec.towers)
+    if name.startswith(towers) or not name.startswith("model."):
+        return name
+    return "model.language_model." + name[len("model."):]
+
+
+def load_hf_state(d: str | Path, text_only: bool = False):
+    """(config, state_dict with our names) from an HF directory. ``text_only``: the text decoder of a
+    multimodal checkpoint alone (its tower tensors dropped)."""
     d = Path(d)
     if not d.exists():
         raise CheckpointError(f"{d}: path does not exist")
@@ -104,8 +154,13 @@ def load_hf_state(d: str | Path):
     if not cfg_path.exists():
         raise CheckpointError(f"{d}: no config.json")
     cfg = config_from_hf(read_json(cfg_path), str(cfg_path))
+    if text_only and _is_multimodal(cfg):
+        cfg = cfg.text_only()
     raw = read_safetensors(checkpoint_files(d))
-    sd = {hf_to_ours(k): v for k, v in raw.items() if not k.startswith(FOREIGN_PREFIXES)}
+    if _is_multimodal(cfg):
+        sd = {hf_to_ours(k): v for k, v in raw.items()}
+    else:
+        sd = {hf_to_ours(k): v for k, v in raw.items() if not k.startswith(FOREIGN_PREFIXES)}
     return cfg, sd
 
 
@@ -155,10 +210,13 @@ def export_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     buffers = {k for k, _ in model.named_buffers()} - set(state)
     out = {}
+    mm = _is_multimodal(model.config)
+    layout = SAVE_PREFIX_MAPS.get(model.config.to_hf()["architectures"][0]) if mm else None
     for k, v in state.items():
         if (tied and k == "lm_head.weight") or k in buffers:
             continue
-        out[k] = v.detach().contiguous()
+        name = (_remap(k, layout) if layout else hf_module_name(model, k)) if mm else k
+        out[name] = v.detach().contiguous()
     return out
 
 

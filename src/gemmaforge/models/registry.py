@@ -15,6 +15,7 @@ from .common.config import read_json
 from .gemma3 import config as gemma3_config
 from .gemma3.config import Gemma3Config
 from .gemma3.model import Gemma3ForCausalLM
+from .gemma3.vision import Gemma3ForConditionalGeneration
 from .gemma4 import config as gemma4_config
 from .gemma4.config import Gemma4Config
 from .gemma4.model import Gemma4ForCausalLM
@@ -37,6 +38,12 @@ MODEL_CLASSES: dict[type, type] = {
     Gemma3Config: Gemma3ForCausalLM,
     Gemma4Config: Gemma4ForCausalLM,
     MistralConfig: MistralForCausalLM,
+}
+
+# config class -> the family's whole multimodal model (towers included), used when the config has towers
+# (``cfg.is_multimodal``); ``--text-only`` builds ``MODEL_CLASSES`` from ``cfg.text_only()``
+MULTIMODAL_CLASSES: dict[type, type] = {
+    Gemma3Config: Gemma3ForConditionalGeneration,
 }
 
 # preset name -> (config class, constructor kwargs)
@@ -77,9 +84,16 @@ def load_config(path: str | Path):
     return config_from_hf(read_json(p), str(p))
 
 
+def model_class(cfg) -> type:
+    """The model class a config builds: the multimodal one when the config has towers."""
+    if getattr(cfg, "is_multimodal", False) and type(cfg) in MULTIMODAL_CLASSES:
+        return MULTIMODAL_CLASSES[type(cfg)]
+    return MODEL_CLASSES[type(cfg)]
+
+
 def build_model(cfg, *, dtype: torch.dtype = torch.float32, device="cpu", init: bool = True):
     """Instantiate the family's model; ``device="meta"`` builds without allocating (for sharding and loading)."""
-    cls = MODEL_CLASSES[type(cfg)]
+    cls = model_class(cfg)
     with torch.device(device):
         model = cls(cfg)
     model.to(dtype=dtype)

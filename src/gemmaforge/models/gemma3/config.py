@@ -1,17 +1,77 @@
-"""Gemma 3 text decoder config (``Gemma3TextConfig``; the text part of ``Gemma3Config``) and its presets."""
+"""Gemma 3 configs and presets: the text decoder (``Gemma3TextConfig``), the SigLIP vision tower
+(``SiglipVisionConfig``) and, with a ``vision_config``, the whole multimodal ``Gemma3Config``."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ...errors import ConfigError
 from ..common.config import FULL, SLIDING, RopeSpec, rope_from_hf
 
 
 @dataclass
+class SiglipVisionConfig:
+    """Gemma 3's vision tower (transformers' ``SiglipVisionConfig``, no pooling head)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 896
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+
+    model_type = "siglip_vision_model"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"vision_config: hidden_size ({self.hidden_size}) is not a multiple of "
+                              f"num_attention_heads ({self.num_attention_heads})")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision_config: image_size ({self.image_size}) is not a multiple of "
+                              f"patch_size ({self.patch_size})")
+        if self.hidden_act not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu"):
+            raise ConfigError(f"vision_config: hidden_act {self.hidden_act!r} is not supported")
+
+    def to_hf(self) -> dict:
+        return {"model_type": self.model_type, "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+                "num_attention_heads": self.num_attention_heads, "num_channels": self.num_channels,
+                "image_size": self.image_size, "patch_size": self.patch_size, "layer_norm_eps": self.layer_norm_eps,
+                "hidden_act": self.hidden_act, "attention_dropout": 0.0, "vision_use_head": False}
+
+    @classmethod
+    def from_hf(cls, d: dict, where: str = "config.json") -> "SiglipVisionConfig":
+        if d.get("vision_use_head"):
+            raise ConfigError(f"{where}: vision_config.vision_use_head=true is not a Gemma 3 vision tower")
+        # missing keys take transformers' SiglipVisionConfig defaults (not the Gemma 3 sizes)
+        d = {**HF_SIGLIP_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+        known = {k: d[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                   "num_channels", "image_size", "patch_size", "layer_norm_eps", "hidden_act")
+                 if d.get(k) is not None}
+        try:
+            return cls(**known)
+        except TypeError as e:
+            raise ConfigError(f"{where}: vision_config: bad value ({e})") from None
+
+
+HF_SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          num_channels=3, image_size=224, patch_size=16, layer_norm_eps=1e-6,
+                          hidden_act="gelu_pytorch_tanh")
+# transformers' Gemma3TextConfig defaults: the text_config of a released multimodal config.json names
+# only what differs from them
+HF_GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                               num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                               sliding_window=4096, max_position_embeddings=131_072, rms_norm_eps=1e-6)
+
+
+@dataclass
 class Gemma3Config:
-    """Gemma 3 text decoder (``Gemma3ForCausalLM`` / ``Gemma3TextConfig``)."""
+    """Gemma 3 text decoder (``Gemma3ForCausalLM`` / ``Gemma3TextConfig``); with a ``vision_config``
+    the whole ``Gemma3ForConditionalGeneration`` (``Gemma3Config`` with its ``text_config``)."""
 
     vocab_size: int = 262_144
     hidden_size: int = 640
@@ -34,6 +94,12 @@ class Gemma3Config:
     eos_token_id: list[int] = field(default_factory=lambda: [1])
     bos_token_id: int = 2
     hidden_activation: str = "gelu_pytorch_tanh"
+    # multimodal (None: text only)
+    vision_config: SiglipVisionConfig | None = None
+    mm_tokens_per_image: int = 256
+    boi_token_id: int = 255_999  # <start_of_image>
+    eoi_token_id: int = 256_000  # <end_of_image>
+    image_token_id: int = 262_144  # <image_soft_token>, the placeholder the image features replace
 
     model_type = "gemma3_text"
     architecture = "Gemma3ForCausalLM"
@@ -46,6 +112,8 @@ class Gemma3Config:
             self.rope = {FULL: RopeSpec(theta=1_000_000.0), SLIDING: RopeSpec(theta=10_000.0)}
         if isinstance(self.eos_token_id, int):
             self.eos_token_id = [self.eos_token_id]
+        if isinstance(self.vision_config, dict):
+            self.vision_config = SiglipVisionConfig(**self.vision_config)
         self.validate()
 
     def validate(self):
@@ -65,6 +133,24 @@ class Gemma3Config:
             )
         if SLIDING in self.layer_types and not self.sliding_window:
             raise ConfigError("sliding_attention layers need a positive sliding_window")
+        v = self.vision_config
+        if v is not None:
+            side = math.isqrt(self.mm_tokens_per_image)
+            patches = v.image_size // v.patch_size
+            if side * side != self.mm_tokens_per_image or patches % side:
+                raise ConfigError(f"mm_tokens_per_image ({self.mm_tokens_per_image}) must be a square whose side "
+                                  f"divides the {patches}x{patches} patch grid")
+            if not 0 <= self.image_token_id < self.vocab_size:
+                raise ConfigError(f"image_token_index ({self.image_token_id}) is outside the vocabulary "
+                                  f"(0..{self.vocab_size - 1})")
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.vision_config is not None
+
+    def text_only(self) -> "Gemma3Config":
+        """The text decoder's config alone (``--text-only``)."""
+        return replace(self, vision_config=None)
 
     # ---- derived ----
     @property
@@ -76,6 +162,26 @@ class Gemma3Config:
 
     # ---- HF config.json ----
     def to_hf(self) -> dict:
+        if self.vision_config is None:
+            return self._text_hf()
+        text = self._text_hf()
+        for k in ("architectures", "dtype"):
+            text.pop(k)
+        return {
+            "architectures": ["Gemma3ForConditionalGeneration"],
+            "model_type": "gemma3",
+            "text_config": text,
+            "vision_config": self.vision_config.to_hf(),
+            "mm_tokens_per_image": self.mm_tokens_per_image,
+            "boi_token_index": self.boi_token_id,
+            "eoi_token_index": self.eoi_token_id,
+            "image_token_index": self.image_token_id,
+            "initializer_range": 0.02,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "dtype": "float32",
+        }
+
+    def _text_hf(self) -> dict:
         return {
             "architectures": [self.architecture],
             "model_type": self.model_type,
@@ -108,8 +214,20 @@ class Gemma3Config:
     @classmethod
     def from_hf(cls, d: dict, where: str = "config.json") -> "Gemma3Config":
         d = dict(d)
+        mm = {}
         if d.get("model_type") == "gemma3" and "text_config" in d:  # multimodal wrapper
-            d = {**d["text_config"], "model_type": "gemma3_text"}
+            outer = d
+            if isinstance(outer.get("vision_config"), dict):
+                mm = dict(
+                    vision_config=SiglipVisionConfig.from_hf(outer["vision_config"], where),
+                    mm_tokens_per_image=int(outer.get("mm_tokens_per_image", 256)),
+                    boi_token_id=int(outer.get("boi_token_index", outer.get("boi_token_id", 255_999))),
+                    eoi_token_id=int(outer.get("eoi_token_index", outer.get("eoi_token_id", 256_000))),
+                    image_token_id=int(outer.get("image_token_index", outer.get("image_token_id", 262_144))),
+                )
+            d = {**HF_GEMMA3_TEXT_DEFAULTS, **d["text_config"], "model_type": "gemma3_text"}
+            if "tie_word_embeddings" in outer and "tie_word_embeddings" not in d:
+                d["tie_word_embeddings"] = outer["tie_word_embeddings"]
         if d.get("use_bidirectional_attention"):
             raise ConfigError(f"{where}: use_bidirectional_attention=true (embedding models) is not supported")
         if d.get("attention_bias"):
@@ -147,6 +265,7 @@ class Gemma3Config:
                 pad_token_id=int(d.get("pad_token_id") if d.get("pad_token_id") is not None else 0),
                 eos_token_id=list(eos) if isinstance(eos, list) else [int(eos)],
                 bos_token_id=int(d.get("bos_token_id") if d.get("bos_token_id") is not None else 2),
+                **mm,
             )
         except KeyError as e:
             raise ConfigError(f"{where}: missing key {e.args[0]!r}") from None
@@ -185,3 +304,21 @@ PRESETS: dict[str, dict] = {
         rope={FULL: RopeSpec(theta=10_000.0, rope_type="linear", factor=4.0), SLIDING: RopeSpec(theta=1000.0)},
     ),
 }
+
+# SigLIP towers: the one every released Gemma 3 vision model (4B, 12B, 27B) uses, and a tiny one
+VISION_PRESETS: dict[str, dict] = {
+    "siglip-so400m-896": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                              image_size=896, patch_size=14),
+    "siglip-tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=32, patch_size=4),
+}
+# the released multimodal checkpoints (Gemma3ForConditionalGeneration) and a tiny debug one; the plain
+# names above stay the text decoders (what --text-only loads)
+for _size in ("4b", "12b", "27b"):
+    PRESETS[f"gemma-3-{_size}-vision"] = dict(PRESETS[f"gemma-3-{_size}"],
+                                               vision_config=VISION_PRESETS["siglip-so400m-896"],
+                                               mm_tokens_per_image=256)
+# tiny: a 32 px image is an 8x8 patch grid pooled to 2x2 = 4 soft tokens; the image tokens sit at the
+# top of the 512-token vocabulary
+PRESETS["gemma-3-tiny-vision"] = dict(PRESETS["gemma-3-tiny"], vision_config=VISION_PRESETS["siglip-tiny"],
+                                      mm_tokens_per_image=4, boi_token_id=509, eoi_token_id=510, image_token_id=511)
