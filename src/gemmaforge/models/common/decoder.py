@@ -24,6 +24,7 @@ from ...layers.attention import build_seq_info, resolve_backend
 from ...layers.kv_cache import KVCache
 from ...layers.rope import rope_table
 from .context import ForwardContext
+from .media import place_media, split_media
 
 
 @dataclass
@@ -74,6 +75,11 @@ class CausalLM(nn.Module):
     def rope_specs(self) -> dict:
         """layer type -> (RopeSpec, rotary head_dim)."""
         raise NotImplementedError
+
+    def media_specs(self) -> list:
+        """The media this model reads (``models.common.media.MediaSpec``, one per modality); none for a
+        text-only model, which refuses media keywords with one line."""
+        return []
 
     @staticmethod
     def init_parameter(name: str, p: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
@@ -166,12 +172,17 @@ class CausalLM(nn.Module):
         sliding layers), within their document. ``gemmaforge.multimodal.group_ids_from_token_types``
         builds it from the reference's ``token_type_ids``.
 
-        ``family_inputs``: inputs only one family takes (Gemma 4: ``per_layer_inputs``).
+        ``family_inputs``: inputs only one family takes (Gemma 4: ``per_layer_inputs``), and media
+        (``pixel_values``, ``audio_features``... as the model's ``media_specs`` name them): each
+        modality is encoded and its features replace its placeholder tokens of ``input_ids``, in
+        order; the tokens of one image then attend to each other (``mm_groups`` derived from the
+        placeholders unless given). See ``models.common.media``.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids or inputs_embeds")
         lead = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         packed = cu_seqlens is not None
+        media = split_media(self, family_inputs)
         ids = None
         if input_ids is not None:
             if self.model.embed_tokens is None:
@@ -182,6 +193,10 @@ class CausalLM(nn.Module):
         else:
             h = inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1]) if (
                 inputs_embeds.dim() == 2 or packed) else inputs_embeds
+        if media:
+            h, groups = place_media(self, h, ids, media)
+            if mm_groups is None and groups is not None:
+                mm_groups = groups
         if extra_embeds is not None:
             h = splice_embeds(h, extra_embeds, extra_positions)
         B, S, _ = h.shape
