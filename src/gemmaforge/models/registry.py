@@ -19,6 +19,7 @@ from .gemma3.vision import Gemma3ForConditionalGeneration
 from .gemma4 import config as gemma4_config
 from .gemma4.config import Gemma4Config
 from .gemma4.model import Gemma4ForCausalLM
+from .gemma4.multimodal import Gemma4ForConditionalGeneration
 from .mistral import config as mistral_config
 from .mistral.config import MistralConfig
 from .mistral.model import MistralForCausalLM
@@ -44,6 +45,7 @@ MODEL_CLASSES: dict[type, type] = {
 # (``cfg.is_multimodal``); ``--text-only`` builds ``MODEL_CLASSES`` from ``cfg.text_only()``
 MULTIMODAL_CLASSES: dict[type, type] = {
     Gemma3Config: Gemma3ForConditionalGeneration,
+    Gemma4Config: Gemma4ForConditionalGeneration,
 }
 
 # preset name -> (config class, constructor kwargs)

@@ -8,16 +8,22 @@ What differs from Gemma 3 (as transformers 5.23's ``Gemma4TextConfig`` defines i
 - per-layer embeddings (PLE) of width ``hidden_size_per_layer_input`` (0 = none);
 - optional MoE block (``enable_moe_block``) next to the dense MLP;
 - the last layer is always full attention (the reference forces it, with a warning).
+
+With a ``vision_config`` and/or an ``audio_config`` the config is the whole ``Gemma4Config`` of
+``Gemma4ForConditionalGeneration`` (towers and their token ids; ``to_hf`` writes the wrapper with
+the decoder as ``text_config``); ``text_only()`` drops the towers (``--text-only``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ...errors import ConfigError
 from ..common.config import FULL, SLIDING, RopeSpec, rope_from_hf
+from .audio import AUDIO_PRESETS, Gemma4AudioConfig
+from .vision import VISION_PRESETS, Gemma4VisionConfig
 
 SHARE_STORE = "store"
 SHARE_REUSE = "reuse"
@@ -71,6 +77,16 @@ class Gemma4Config:
     # placeholder ids of the multimodal wrapper (image / video / audio); the reference embeds them
     # as the pad token (main and per-layer embeddings) before splicing encoder features in
     mm_token_ids: list[int] = field(default_factory=list)
+    # multimodal (None: text only): the towers and the wrapper's token ids (transformers' defaults)
+    vision_config: Gemma4VisionConfig | None = None
+    audio_config: Gemma4AudioConfig | None = None
+    boi_token_id: int = 255_999  # <|image>
+    eoi_token_id: int = 258_882  # <image|>
+    image_token_id: int = 258_880  # <|image|>: the placeholder the image soft tokens replace
+    video_token_id: int = 258_884
+    boa_token_id: int = 256_000  # <|audio>
+    eoa_token_id: int = 258_883  # <audio|>
+    audio_token_id: int = 258_881  # <|audio|>
 
     model_type = "gemma4_text"
     architecture = "Gemma4ForCausalLM"
@@ -88,7 +104,13 @@ class Gemma4Config:
             self.eos_token_id = [self.eos_token_id]
         if self.num_global_key_value_heads is None:
             self.num_global_key_value_heads = self.num_key_value_heads
+        if isinstance(self.vision_config, dict):
+            self.vision_config = Gemma4VisionConfig(**self.vision_config)
+        if isinstance(self.audio_config, dict):
+            self.audio_config = Gemma4AudioConfig(**self.audio_config)
         self.mm_token_ids = list(self.mm_token_ids)
+        if self.is_multimodal and not self.mm_token_ids:
+            self.mm_token_ids = [self.image_token_id, self.video_token_id, self.audio_token_id]
         self.validate()
 
     def validate(self):
@@ -125,6 +147,20 @@ class Gemma4Config:
         if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ConfigError(f"hidden_activation {self.hidden_activation!r} is not supported "
                               "(Gemma 4 uses gelu_pytorch_tanh)")
+        if self.is_multimodal:
+            for name in ("image_token_id", "audio_token_id", "boi_token_id", "eoi_token_id", "boa_token_id",
+                         "eoa_token_id"):
+                if not 0 <= getattr(self, name) < self.vocab_size:
+                    raise ConfigError(f"{name} ({getattr(self, name)}) is outside the vocabulary "
+                                      f"(0..{self.vocab_size - 1})")
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.vision_config is not None or self.audio_config is not None
+
+    def text_only(self) -> "Gemma4Config":
+        """The text decoder's config alone (``--text-only``): placeholders still embed as the pad token."""
+        return replace(self, vision_config=None, audio_config=None)
 
     # ---- derived, per layer ----
     @property
@@ -176,6 +212,30 @@ class Gemma4Config:
 
     # ---- HF config.json ----
     def to_hf(self) -> dict:
+        if not self.is_multimodal:
+            return self._text_hf()
+        text = self._text_hf()
+        for k in ("architectures", "dtype"):
+            text.pop(k)
+        return {
+            "architectures": ["Gemma4ForConditionalGeneration"],
+            "model_type": "gemma4",
+            "text_config": text,
+            "vision_config": None if self.vision_config is None else self.vision_config.to_hf(),
+            "audio_config": None if self.audio_config is None else self.audio_config.to_hf(),
+            "boi_token_id": self.boi_token_id,
+            "eoi_token_id": self.eoi_token_id,
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "boa_token_id": self.boa_token_id,
+            "eoa_token_index": self.eoa_token_id,
+            "audio_token_id": self.audio_token_id,
+            "initializer_range": 0.02,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "dtype": "float32",
+        }
+
+    def _text_hf(self) -> dict:
         d: dict[str, Any] = {
             "architectures": [self.architecture],
             "model_type": self.model_type,
@@ -220,10 +280,12 @@ class Gemma4Config:
     def from_hf(cls, d: dict, where: str = "config.json") -> "Gemma4Config":
         d = dict(d)
         mm_ids: list[int] = []
+        towers: dict[str, Any] = {}
         if d.get("model_type") == "gemma4":  # multimodal wrapper: the text decoder is text_config
             if not isinstance(d.get("text_config"), dict):
                 raise ConfigError(f"{where}: model_type 'gemma4' without a text_config object")
             mm_ids = [int(d[k]) for k in ("image_token_id", "video_token_id", "audio_token_id") if d.get(k) is not None]
+            towers = _towers_from_hf(d, where)
             top_eos = d.get("eos_token_id")
             d = {**d["text_config"], "model_type": "gemma4_text"}
             if top_eos is not None and d.get("eos_token_id") is None:
@@ -283,6 +345,7 @@ class Gemma4Config:
                 moe_intermediate_size=d.get("moe_intermediate_size"),
                 use_bidirectional_attention=d.get("use_bidirectional_attention"),
                 mm_token_ids=mm_ids,
+                **towers,
             )
         except KeyError as e:
             raise ConfigError(f"{where}: missing key {e.args[0]!r}") from None
@@ -290,6 +353,31 @@ class Gemma4Config:
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"{where}: bad value ({e})") from None
+
+
+# the wrapper's token-id keys (transformers spells the end-of-audio one eoa_token_index)
+_TOKEN_KEYS = {"boi_token_id": ("boi_token_id",), "eoi_token_id": ("eoi_token_id",),
+               "image_token_id": ("image_token_id",), "video_token_id": ("video_token_id",),
+               "boa_token_id": ("boa_token_id",), "eoa_token_id": ("eoa_token_index", "eoa_token_id"),
+               "audio_token_id": ("audio_token_id",)}
+
+
+def _towers_from_hf(d: dict, where: str) -> dict[str, Any]:
+    """The towers' configs and token ids of a ``Gemma4Config`` wrapper dict."""
+    out: dict[str, Any] = {}
+    for ours, keys in _TOKEN_KEYS.items():
+        for k in keys:
+            if d.get(k) is not None:
+                out[ours] = int(d[k])
+                break
+    for key, cls in (("vision_config", Gemma4VisionConfig), ("audio_config", Gemma4AudioConfig)):
+        sub = d.get(key)
+        if sub is None:
+            continue
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{where}: {key} must be an object or null")
+        out[key] = cls.from_hf(sub, f"{where}: {key}")
+    return out
 
 
 def _gemma4rope_from_hf(d: dict, where: str) -> dict[str, RopeSpec]:
@@ -375,3 +463,21 @@ PRESETS["gemma-4-tiny-moe"] = dict(
     _TINY, num_hidden_layers=4, layer_types=[SLIDING, FULL, SLIDING, FULL], num_global_key_value_heads=1,
     attention_k_eq_v=True, hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=6, top_k_experts=3,
     moe_intermediate_size=24)
+
+# the released multimodal checkpoints (Gemma4ForConditionalGeneration): E2B/E4B see and hear, 26B/31B see;
+# the plain names above stay the text decoders (what --text-only loads)
+for _size in ("e2b", "e4b", "26b-a4b", "31b"):
+    PRESETS[f"gemma-4-{_size}-mm"] = dict(
+        PRESETS[f"gemma-4-{_size}"], vision_config=VISION_PRESETS[f"gemma-4-{_size}"],
+        audio_config=AUDIO_PRESETS[f"gemma-4-{_size}"] if _size in AUDIO_PRESETS else None)
+# tiny E2B-like with both towers; the media tokens sit at the top of the 512-token vocabulary
+PRESETS["gemma-4-tiny-e2b-mm"] = dict(
+    PRESETS["gemma-4-tiny-e2b"], vision_config=VISION_PRESETS["tiny"], audio_config=AUDIO_PRESETS["tiny"],
+    boi_token_id=504, eoi_token_id=505, image_token_id=506, video_token_id=507, boa_token_id=508, eoa_token_id=509,
+    audio_token_id=510)
+# tiny 31B-like (K=V full layers, image tokens bidirectional on sliding layers) with a standardised tower
+PRESETS["gemma-4-tiny-31b-mm"] = dict(
+    PRESETS["gemma-4-tiny-31b"], use_bidirectional_attention="vision",
+    vision_config=dict(VISION_PRESETS["tiny"], standardize=True),
+    boi_token_id=504, eoi_token_id=505, image_token_id=506, video_token_id=507, boa_token_id=508, eoa_token_id=509,
+    audio_token_id=510)
