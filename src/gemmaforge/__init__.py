@@ -8,10 +8,11 @@
 
 __version__ = "0.1.0"
 
-from .api import from_config, from_pretrained, load_tokenizer  # noqa: E402
+from .api import from_config, from_pretrained, load_processor, load_tokenizer  # noqa: E402
 from .inference.chat import chat  # noqa: E402
+from .inference.batch import generate_batch  # noqa: E402
 from .inference.generate import generate  # noqa: E402
 from .models.registry import preset  # noqa: E402
 from .rl.score import score  # noqa: E402
 
-__all__ = ["from_pretrained", "from_config", "load_tokenizer", "generate", "chat", "preset", "score"]
+__all__ = ["from_pretrained", "from_config", "load_tokenizer", "load_processor", "generate", "generate_batch", "chat", "preset", "score"]

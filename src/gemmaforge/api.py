@@ -45,6 +45,28 @@ def from_config(cfg_or_preset, dtype=torch.float32, device="cpu", seed: int | No
     return build_model(cfg, dtype=_dtype(dtype), device=device).eval()
 
 
+def load_processor(path_or_preset: str | os.PathLike | None = None):
+    """The processor of a model: its tokenizer and, for a multimodal model, its media handlers
+    (``processor(messages=..., images=...)`` -> ``input_ids``, ``pixel_values``, ``token_types``...).
+
+    An HF dir reads ``config.json``, ``tokenizer.json`` and ``preprocessor_config.json`` (the
+    checkpoint's defaults when absent). A multimodal preset name (``gemma-3-4b-vision``...) pairs the
+    preset's config with the embedded Gemma 3 tokenizer (the same vocabulary)."""
+    from pathlib import Path
+
+    from .formats.processor import build_processor, read_preprocessor
+    from .formats.resolve import DEFAULT_MODEL
+    from .models.registry import PRESETS, load_config
+
+    s = str(path_or_preset) if path_or_preset is not None else DEFAULT_MODEL
+    if s in PRESETS and not Path(s).exists():
+        return build_processor(preset(s), _load_tokenizer(resolve(DEFAULT_MODEL)))
+    src = resolve(path_or_preset)
+    if src.is_file():  # a .gguf: text only
+        return build_processor(None, _load_tokenizer(src))
+    return build_processor(load_config(src), _load_tokenizer(src), read_preprocessor(src))
+
+
 def load_tokenizer(path_or_preset: str | os.PathLike | None = None):
     """Tokenizer of an HF dir (tokenizer.json), a .gguf file, or a preset name."""
     return _load_tokenizer(resolve(path_or_preset))

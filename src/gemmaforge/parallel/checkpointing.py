@@ -14,6 +14,9 @@ document layout) passes through untouched: non-reentrant checkpointing closes ov
 arguments, which is what broke dual-RoPE models under reentrant checkpointing. Module hooks on the
 wrapper fire once per call; hooks on the layer's submodules fire again when it is recomputed.
 
+The layers of a multimodal model's towers (every ``layers`` list inside the modules its
+``media_specs`` name: SigLIP's encoder layers...) are wrapped the same way, all of them.
+
 A layer runs plainly when grad mode is off, and when its context carries a STATEFUL key source (a
 KV cache: recomputing the layer would append its keys/values a second time). A context-parallel key
 exchange keeps nothing between calls, so under context parallelism layers are checkpointed and
@@ -27,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..models.common.decoder import decoder_layers
+from ..models.common.media import tower_modules
 
 
 def _stateful_cache(args, kwargs) -> bool:
@@ -81,7 +85,22 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Modul
     for i, key in enumerate(list(layers.keys())):
         if i % every == 0:
             layers[key] = CheckpointedLayer(layers[key])
+    for container in tower_layer_lists(model):
+        for key in list(container._modules):
+            container._modules[key] = CheckpointedLayer(container._modules[key])
     return model
+
+
+def tower_layer_lists(model: nn.Module) -> list[nn.Module]:
+    """The ``layers`` lists (ModuleList / ModuleDict) inside the model's media towers."""
+    specs = getattr(model, "media_specs", None)
+    if specs is None:
+        return []
+    out = []
+    for _, tower in tower_modules(model):
+        out += [m for n, m in tower.named_modules() if n.rsplit(".", 1)[-1] == "layers"
+                and isinstance(m, (nn.ModuleList, nn.ModuleDict))]
+    return out
 
 
 def remove_activation_checkpointing(model: nn.Module) -> nn.Module:
@@ -89,6 +108,9 @@ def remove_activation_checkpointing(model: nn.Module) -> nn.Module:
     layers = model.model.layers
     for key in list(layers.keys()):
         layers[key] = unwrapped(layers[key])
+    for container in tower_layer_lists(model):
+        for key in list(container._modules):
+            container._modules[key] = unwrapped(container._modules[key])
     return model
 
 
