@@ -228,3 +228,56 @@ def test_missing_tower_key_is_named(tmp_path, pair):
     with pytest.raises(CheckpointError, match="relative_k_proj"):
         gemmaforge.from_pretrained(tmp_path / "hf")
     assert "model.audio_tower.layers.1.self_attn.relative_k_proj.weight" in hf_state(mm_model())
+
+
+# ----------------------------------------------------------------------------- the processor
+
+def test_processor_expands_images_and_audio_like_transformers(tmp_path):
+    """Chat messages with an image and a WAV clip: the placeholders expand to as many soft tokens as
+    transformers' image processor / feature extractor give (Gemma4Processor's rule), the media tensors
+    equal theirs, token types 1 (image) and 3 (audio)."""
+    from PIL import Image
+
+    from gemmaforge.models.registry import preset
+
+    cfg = preset("gemma-4-e2b-mm")
+    proc = gemmaforge.load_processor("gemma-4-e2b-mm")
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8))
+    a, _ = _waves()
+    (tmp_path / "clip.wav").write_bytes(_wav_bytes(a, 16000))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "and"},
+                                         {"type": "audio", "path": "clip.wav"}, {"type": "text", "text": "?"}]}]
+    out = proc(messages=msgs, base_dir=tmp_path)
+    ref_img = transformers.Gemma4ImageProcessorPil()([img], return_tensors="pt")
+    ref_aud = transformers.Gemma4AudioFeatureExtractor()([read_wav(tmp_path / "clip.wav", 16000)], return_tensors="pt")
+    torch.testing.assert_close(out["pixel_values"], ref_img["pixel_values"], atol=0, rtol=0)
+    assert torch.equal(out["image_position_ids"], ref_img["image_position_ids"])
+    torch.testing.assert_close(out["audio_features"], ref_aud["input_features"], atol=0, rtol=0)
+    ids = out["input_ids"][0].tolist()
+    n_img = int(ref_img["num_soft_tokens_per_image"][0])
+    # Gemma4Processor.replace_audio_token: the frame mask subsampled by the two stride-2 convolutions
+    mask = ref_aud["input_features_mask"][0]
+    for _ in range(2):
+        mask = mask[::2]
+    n_aud = int(mask.sum())
+    assert ids.count(cfg.image_token_id) == n_img and ids.count(cfg.audio_token_id) == n_aud
+    s = ids.index(cfg.boi_token_id)
+    assert ids[s + 1: s + 1 + n_img] == [cfg.image_token_id] * n_img and ids[s + 1 + n_img] == cfg.eoi_token_id
+    s = ids.index(cfg.boa_token_id)
+    assert ids[s + 1: s + 1 + n_aud] == [cfg.audio_token_id] * n_aud and ids[s + 1 + n_aud] == cfg.eoa_token_id
+    types = out["token_types"][0]
+    assert int((types == 1).sum()) == n_img and int((types == 3).sum()) == n_aud
+    assert set(types.unique().tolist()) == {0, 1, 3}
+
+
+def test_processor_bad_audio_file_is_one_line(tmp_path):
+    from gemmaforge.data.gemma4_media import gemma4_handlers
+    from gemmaforge.data.processor import Processor
+    from gemmaforge.models.registry import preset
+
+    proc = Processor(gemmaforge.load_tokenizer(), gemma4_handlers(preset("gemma-4-e2b-mm"), None))
+    (tmp_path / "x.wav").write_bytes(b"RIFF0000WAVEjunk")
+    msgs = [{"role": "user", "content": [{"type": "audio", "path": "x.wav"}, {"type": "text", "text": "hi"}]}]
+    with pytest.raises(InputError, match="x.wav"):
+        proc(messages=msgs, base_dir=tmp_path)

@@ -122,3 +122,16 @@ def test_vision_gradients_reach_the_tower():
     for n in ("model.vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight",
               "model.vision_tower.patch_embedder.position_embedding_table", "model.embed_vision.embedding_projection.weight"):
         assert m.get_parameter(n).grad.abs().sum() > 0, n
+
+
+def test_released_tower_presets_have_the_published_sizes():
+    """31B's vision tower: 569,550,384 tensors' values in the published extraction (parameters plus the
+    standardisation buffers); E2B hears (audio tower, 1536-wide output), 31B does not."""
+    from gemmaforge.models.registry import build_model, preset
+
+    m = build_model(preset("gemma-4-31b-mm"), device="meta")
+    tower = m.model.vision_tower
+    assert sum(t.numel() for t in tower.state_dict().values()) == 569_550_384
+    assert not hasattr(m.model, "audio_tower")
+    e2b = preset("gemma-4-e2b-mm")
+    assert e2b.audio_config.output_proj_dims == 1536 and e2b.vision_config.hidden_size == 768

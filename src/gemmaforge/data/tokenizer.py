@@ -232,7 +232,7 @@ class Tokenizer:
         A leading ``system`` message is folded into the first user turn (its text, then a blank
         line); turns must alternate user / assistant (``assistant`` is written as ``model``);
         contents are stripped of surrounding whitespace. A content may also be a list of parts
-        ``{"type": "text", "text": ...}`` / ``{"type": "image"}``.
+        ``{"type": "text", "text": ...}`` / ``{"type": "image"}`` / ``{"type": "audio"}``.
         """
         messages = list(messages)
         for k, m in enumerate(messages):
@@ -281,6 +281,8 @@ class Tokenizer:
                 raise InputError(f"chat message {k}: content parts must be dicts")
             if p.get("type") == "image":
                 pieces.append("<start_of_image>")
+            elif p.get("type") == "audio":  # a marker the processor expands (Gemma 4: <|audio> ... <audio|>)
+                pieces.append("<start_of_audio>")
             elif p.get("type") == "text":
                 pieces.append(str(p.get("text", "")).strip())
         return "".join(pieces)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..data.gemma4_media import gemma4_handlers
 from ..data.images import Gemma3ImageConfig, Gemma3ImageProcessor
 from ..data.processor import Gemma3ImageHandler, Processor
 from ..errors import ConfigError
 from ..models.gemma3.config import Gemma3Config
+from ..models.gemma4.config import Gemma4Config
 
 
 def gemma3_handlers(cfg: Gemma3Config, preprocessor: dict | None, tokenizer) -> list:
@@ -30,7 +32,7 @@ def gemma3_handlers(cfg: Gemma3Config, preprocessor: dict | None, tokenizer) -> 
 
 
 # config class -> handlers(cfg, preprocessor_config dict or None, tokenizer)
-HANDLER_BUILDERS = {Gemma3Config: gemma3_handlers}
+HANDLER_BUILDERS = {Gemma3Config: gemma3_handlers, Gemma4Config: gemma4_handlers}
 
 
 def build_processor(cfg, tokenizer, preprocessor: dict | None = None) -> Processor:
@@ -52,14 +54,3 @@ def read_preprocessor(d: Path) -> dict | None:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{f}: not valid JSON (line {e.lineno}: {e.msg})") from None
     return out if found else None
-
-
-def save_preprocessor(processor: Processor, d: Path) -> None:
-    """Write ``preprocessor_config.json`` / ``processor_config.json`` of a Gemma 3 image processor."""
-    for h in processor.handlers:
-        if isinstance(h, Gemma3ImageHandler):
-            (d / "preprocessor_config.json").write_text(
-                json.dumps(h.image_processor.cfg.to_hf(h.image_seq_length), indent=2) + "\n")
-            (d / "processor_config.json").write_text(
-                json.dumps({"processor_class": "Gemma3Processor", "image_seq_length": h.image_seq_length}, indent=2)
-                + "\n")

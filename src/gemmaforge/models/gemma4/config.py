@@ -469,7 +469,7 @@ PRESETS["gemma-4-tiny-moe"] = dict(
 for _size in ("e2b", "e4b", "26b-a4b", "31b"):
     PRESETS[f"gemma-4-{_size}-mm"] = dict(
         PRESETS[f"gemma-4-{_size}"], vision_config=VISION_PRESETS[f"gemma-4-{_size}"],
-        audio_config=AUDIO_PRESETS[f"gemma-4-{_size}"] if _size in AUDIO_PRESETS else None)
+        audio_config=AUDIO_PRESETS[f"gemma-4-{_size}"] if f"gemma-4-{_size}" in AUDIO_PRESETS else None)
 # tiny E2B-like with both towers; the media tokens sit at the top of the 512-token vocabulary
 PRESETS["gemma-4-tiny-e2b-mm"] = dict(
     PRESETS["gemma-4-tiny-e2b"], vision_config=VISION_PRESETS["tiny"], audio_config=AUDIO_PRESETS["tiny"],
