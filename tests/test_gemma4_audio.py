@@ -281,3 +281,21 @@ def test_processor_bad_audio_file_is_one_line(tmp_path):
     msgs = [{"role": "user", "content": [{"type": "audio", "path": "x.wav"}, {"type": "text", "text": "hi"}]}]
     with pytest.raises(InputError, match="x.wav"):
         proc(messages=msgs, base_dir=tmp_path)
+
+
+def test_expansion_from_the_file_alone_equals_the_processed_one(tmp_path):
+    """What a training-data reader can know from a file's header equals what processing it gives."""
+    from PIL import Image
+
+    proc = gemmaforge.load_processor("gemma-4-e2b-mm")
+    image_h, audio_h = proc.handler_for("image"), proc.handler_for("audio")
+    rng = np.random.default_rng(2)
+    for k, (h, w) in enumerate([(300, 500), (37, 911), (1000, 200)]):
+        f = tmp_path / f"i{k}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(f)
+        assert image_h.expansion_of(f) == image_h([f])[1][0]
+    a, b = _waves()
+    for k, x in enumerate((a, b, a[:1000], a[:7001])):
+        f = tmp_path / f"a{k}.wav"
+        f.write_bytes(_wav_bytes(x, 16000))
+        assert audio_h.expansion_of(f) == audio_h([f])[1][0], len(x)

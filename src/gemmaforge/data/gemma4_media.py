@@ -49,6 +49,15 @@ class Gemma4ImageHandler:
 
         check_image(path)
 
+    def expansion_of(self, path) -> str:
+        """The expansion of one image file from its header alone (its size), without decoding it."""
+        from PIL import Image
+
+        self.check(path)
+        with Image.open(path) as im:
+            w, h = im.size
+        return self.expansion(self.image_processor.num_soft_tokens(h, w))
+
     def __call__(self, items, **_):
         from .images import open_image
 
@@ -89,6 +98,14 @@ class Gemma4AudioHandler:
 
     def check(self, path) -> None:
         read_wav(path)
+
+    def expansion_of(self, path) -> str:
+        """The expansion of one WAV file (its soft tokens follow from its length alone)."""
+        fe = self.feature_extractor
+        n = min(len(read_wav(path, fe.sampling_rate)), fe.max_length)
+        frames = (n + fe.frame_length // 2 - (fe.frame_length + 1)) // fe.hop_length + 1
+        # the valid frames come first; the two stride-2 convolutions keep ceil(ceil(f / 2) / 2) = ceil(f / 4)
+        return self.expansion(-(-frames // 4) if frames > 0 else 0)
 
     def __call__(self, items, **_):
         out = self.feature_extractor([self.load(x) for x in items], return_tensors="pt")
