@@ -95,6 +95,11 @@ def register(sub) -> None:
                    help="LoRA: write adapter/ only, no merged final/")
     t.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="recompute each block in backward")
+    t.add_argument("--train-vision", action="store_true", default=None,
+                   help="multimodal models: train the vision tower and projector too (default: frozen, no "
+                        "optimizer state); with --lora-rank: targets may name their linear layers")
+    t.add_argument("--train-audio", action="store_true", default=None,
+                   help="multimodal models: train the audio tower and its embedder too (default: frozen)")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal; otherwise, and with --no-progress, one "
                         "plain line per logging interval)")
@@ -121,7 +126,8 @@ def _values(a) -> dict:
         key = flag[2:].replace("-", "_")
         if getattr(a, key) is not None:
             flags[key] = getattr(a, key)
-    for key in ("model", "device", "attn_backend", "dtype", "activation_checkpointing", "no_merge", "progress"):
+    for key in ("model", "device", "attn_backend", "dtype", "activation_checkpointing", "no_merge", "progress",
+                "train_vision", "train_audio"):
         if getattr(a, key) is not None:
             flags[key] = getattr(a, key)
     own = {}

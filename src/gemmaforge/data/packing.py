@@ -23,6 +23,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..errors import DataError
+
 IGNORE_INDEX = -100
 
 __all__ = [
@@ -49,6 +51,9 @@ class Document:
 
     ids: list[int]
     loss_mask: list[bool] | None = None
+    # media items (``data.processor.MediaRef``), in the order of their placeholder tokens in ``ids``;
+    # a document with media is never split across rows
+    media: list | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ids, torch.Tensor):
@@ -95,6 +100,7 @@ class PackedRow:
     position_ids: torch.Tensor  # int64 [T], restart at 0 in every segment
     num_real_tokens: int
     doc_spans: tuple[tuple[int, int, int], ...] = field(default=())
+    media: tuple = ()  # the media items of the row's documents, in order (``Document.media``)
 
     @property
     def seq_len(self) -> int:
@@ -169,10 +175,17 @@ def _build_rows(docs, bins: Sequence[Sequence[Piece]], seq_len: int, pad_id: int
     pos: list[int] = []
     cu_rows: list[list[int]] = []
     row_real: list[int] = []
+    row_media: list[tuple] = []
     for pieces in bins:
         cu = [0]
+        media: list = []
         for d, s, n in pieces:
             doc = docs[d]
+            if doc.media:
+                if s != 0 or n != len(doc.ids):
+                    raise DataError(f"a document with {len(doc.media)} media item(s) has {len(doc.ids)} tokens, more "
+                                    f"than seq_len {seq_len}: documents with images are never split; raise --seq-len")
+                media.extend(doc.media)
             ids.extend(doc.ids[s : s + n])
             if doc.loss_mask is None:
                 mask.extend([True] * n)
@@ -191,6 +204,7 @@ def _build_rows(docs, bins: Sequence[Sequence[Piece]], seq_len: int, pad_id: int
             cu.append(seq_len)
         cu_rows.append(cu)
         row_real.append(used)
+        row_media.append(tuple(media))
 
     # numpy for the list -> array conversions and elementwise work: far less per-call
     # overhead than torch on CPU for row-sized arrays.
@@ -216,6 +230,7 @@ def _build_rows(docs, bins: Sequence[Sequence[Piece]], seq_len: int, pad_id: int
             position_ids=torch.from_numpy(pos_rows[r].copy()),
             num_real_tokens=row_real[r],
             doc_spans=tuple(bins[r]),
+            media=row_media[r],
         )
         for r in range(R)
     ]
@@ -367,7 +382,7 @@ def collate_rows(rows: Sequence[PackedRow]) -> dict:
     parts = [r.cu_seqlens[:-1].to(torch.int64) + b * T for b, r in enumerate(rows)]
     parts.append(torch.tensor([len(rows) * T], dtype=torch.int64))
     cu = torch.cat(parts).to(torch.int32)
-    return {
+    out = {
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
@@ -375,6 +390,10 @@ def collate_rows(rows: Sequence[PackedRow]) -> dict:
         "max_seqlen": int((cu[1:] - cu[:-1]).max()),
         "num_valid_labels": int((labels != IGNORE_INDEX).sum()),
     }
+    media = [m for r in rows for m in r.media]
+    if media:  # row-major, as the model reads the placeholders of the flattened rows
+        out["media"] = media
+    return out
 
 
 def pad_documents(docs: Sequence[Document], pad_id: int = 0, side: str = "right") -> dict:

@@ -95,6 +95,17 @@ class Gemma3ImageHandler:
     def check(self, path) -> None:
         check_image(path)
 
+    def save(self, directory) -> None:
+        """``preprocessor_config.json`` and ``processor_config.json`` as transformers reads them."""
+        import json
+
+        d = Path(directory)
+        (d / "preprocessor_config.json").write_text(
+            json.dumps(self.image_processor.cfg.to_hf(self.image_seq_length), indent=2) + "\n")
+        (d / "processor_config.json").write_text(
+            json.dumps({"processor_class": "Gemma3Processor", "image_seq_length": self.image_seq_length}, indent=2)
+            + "\n")
+
     def __call__(self, items, do_pan_and_scan: bool | None = None, **_):
         pixel_values, crops = self.image_processor(items, do_pan_and_scan=do_pan_and_scan)
         return {"pixel_values": pixel_values}, [self.expansion(n) for n in crops]
@@ -140,13 +151,21 @@ class Processor:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
     def save(self, directory):
-        return self.tokenizer.save(directory)
+        """The tokenizer's files and each handler's preprocessing config."""
+        out = self.tokenizer.save(directory)
+        for h in self.handlers:
+            h.save(directory)
+        return out
 
     def handler_for(self, part_type: str):
         for h in self.handlers:
             if h.part_type == part_type:
                 return h
         return None
+
+    def placeholders_per_item(self, handler) -> int:
+        """Placeholder tokens one item of ``handler`` gets in training text (its fixed expansion)."""
+        return self.tokenize(handler.fixed_expansion, add_bos=False).count(handler.token_id)
 
     @property
     def media_token_ids(self) -> set[int]:

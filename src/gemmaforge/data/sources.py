@@ -32,7 +32,7 @@ import random
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence, Union
 
-from ..errors import DataError
+from ..errors import DataError, GemmaforgeError
 
 from .packing import Document
 
@@ -153,8 +153,10 @@ def _check_messages(obj: dict, path: PathLike, line: int) -> list[dict]:
         role, content = m["role"], m["content"]
         if not isinstance(role, str):
             raise _err(path, line, f'{w}: "role" must be a string, got {_type_name(role)}')
-        if not isinstance(content, str):
-            raise _err(path, line, f'{w}: "content" must be a string, got {_type_name(content)}')
+        if isinstance(content, list):
+            _check_parts(content, w, path, line)
+        elif not isinstance(content, str):
+            raise _err(path, line, f'{w}: "content" must be a string or a list of parts, got {_type_name(content)}')
         if role not in _ROLES:
             raise _err(path, line, f"{w}: unknown role {role!r} (expected system, user, model or assistant)")
         kind = _ROLES[role]
@@ -171,8 +173,49 @@ def _check_messages(obj: dict, path: PathLike, line: int) -> list[dict]:
     return out
 
 
+def _check_parts(parts: list, w: str, path: PathLike, line: int) -> None:
+    for j, part in enumerate(parts):
+        where = f"{w}.content[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise _err(path, line, f'{where} must be an object with a "type"')
+        if part["type"] == "text":
+            if not isinstance(part.get("text"), str):
+                raise _err(path, line, f'{where}: a text part needs a string "text"')
+        elif not isinstance(part.get("path"), str):
+            raise _err(path, line, f'{where}: a {part["type"]} part needs a string "path" (relative to the JSONL file)')
+
+
+def _media(msgs: list[dict], path: PathLike, line: int, tokenizer) -> list:
+    """The media parts of ``msgs`` as ``MediaRef`` s (paths relative to the JSONL file), each checked
+    readable; a media part given to a model without that tower is refused."""
+    from .processor import MediaRef
+
+    refs = []
+    base = Path(path).parent
+    for m in msgs:
+        if not isinstance(m["content"], list):
+            continue
+        for part in m["content"]:
+            t = part["type"]
+            if t == "text":
+                continue
+            handler = tokenizer.handler_for(t) if hasattr(tokenizer, "handler_for") else None
+            if handler is None:
+                raise _err(path, line, f"{t} part given to a text-only model (no {t} tower): "
+                                       "train a multimodal checkpoint, or drop the media")
+            p = Path(part["path"])
+            p = p if p.is_absolute() else base / p
+            try:
+                handler.check(p)
+            except GemmaforgeError as e:
+                raise _err(path, line, str(e)) from None
+            refs.append(MediaRef(handler, str(p)))
+    return refs
+
+
 def _chat(obj: dict, path: PathLike, line: int, tokenizer: Tokenizer) -> Document:
     msgs = _check_messages(obj, path, line)
+    media = _media(msgs, path, line, tokenizer)
     full = tokenizer.apply_chat_template(msgs, add_generation_prompt=False)
     pieces: list[tuple[str, bool]] = []
     cursor = 0
@@ -193,7 +236,17 @@ def _chat(obj: dict, path: PathLike, line: int, tokenizer: Tokenizer) -> Documen
         cursor = len(before) + cut
     if cursor < len(full):
         pieces.append((full[cursor:], False))
-    return _encode_pieces(tokenizer, pieces, eos_trained=False)
+    doc = _encode_pieces(tokenizer, pieces, eos_trained=False)
+    if media:
+        placeholders = tokenizer.media_token_ids
+        n = sum(1 for i in doc.ids if i in placeholders)
+        want = sum(tokenizer.placeholders_per_item(r.handler) for r in media)
+        if n != want:
+            raise _err(path, line, f"{n} media placeholder tokens for {len(media)} media item(s) "
+                                   f"(expected {want}): a text part holds a media marker")
+        doc.media = media
+        doc.loss_mask = [m and i not in placeholders for i, m in zip(doc.ids, doc.mask())]  # never a target
+    return doc
 
 
 def _text(obj: dict, path: PathLike, line: int, tokenizer: Tokenizer) -> Document:

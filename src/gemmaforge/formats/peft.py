@@ -16,13 +16,15 @@ from torch import nn
 
 from ..adapters.lora import LoraConfig, LoraLinear, apply_lora, lora_modules
 from ..errors import CheckpointError
-from .hf import atomic_dir
+from .hf import atomic_dir, hf_module_name
 
 PEFT_PREFIX = "base_model.model."
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+    """PEFT's keys: ``base_model.model.`` + transformers' module names (a multimodal model's decoder
+    under ``model.language_model.``, its towers as named)."""
+    return {PEFT_PREFIX + hf_module_name(model, k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()
             if ".lora_A." in k or ".lora_B." in k}
 
 
@@ -32,9 +34,14 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name: str |
     tensors' on disk, default as trained)."""
     cfg: LoraConfig = model.transforms.lora
     mods = sorted({n.rsplit(".", 1)[-1] for n in lora_modules(model)})
+    targets = cfg.targets if isinstance(cfg.targets, str) else mods
+    if getattr(model.config, "is_multimodal", False):
+        # exactly the wrapped modules, by transformers' names (a suffix list would also wrap the towers'
+        # same-named layers, a regex over our names would match none of transformers')
+        targets = "(" + "|".join(re.escape(hf_module_name(model, n)) for n in sorted(lora_modules(model))) + ")"
     conf = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout, "target_modules": cfg.targets if isinstance(cfg.targets, str) else mods,
+        "lora_dropout": cfg.dropout, "target_modules": targets,
         "use_rslora": cfg.rslora, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": base_model_name,
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},

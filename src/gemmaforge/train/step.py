@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..data.processor import media_inputs
 from ..parallel.cp import ContextParallel
-from ..parallel.dims import parallel_state
+from ..parallel.dims import LayoutError, parallel_state
 from ..parallel.ep import sync_expert_grads
 from ..parallel.pp import Pipeline, row_segments
 from ..parallel.process import all_reduce_sum
@@ -85,6 +86,10 @@ def micro_batch_loss(model: nn.Module, batch: dict, objective, layout: StepLayou
         kw = {"cu_seqlens": part["cu_seqlens"], "position_ids": part["position_ids"], "cache": part["cache"]}
         targets = {k: t.reshape(-1)[lo:hi] for k, t in targets.items()}
     dev = next(model.parameters()).device
+    if batch.get("media"):  # images (audio...) of the batch's documents, read and preprocessed now
+        if layout.cp is not None:
+            raise LayoutError("context parallelism with media (images, audio) is not supported")
+        kw.update({k: v.to(dev) for k, v in media_inputs(batch["media"]).items()})
     with torch.autocast(dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         hidden = model(ids, return_hidden=True, **kw)
     return objective.loss(model, hidden.reshape(-1, hidden.shape[-1]), targets)

@@ -52,6 +52,7 @@ from .config import SAVE_DTYPES, TrainConfig, absolute_paths, run_dir_of, shard_
 from .data import RowStream, builtin_corpus
 from .health import clip_grads_, grad_norm_and_finite, locate_in_step
 from .metrics import MetricSinks, plain_line, plot_metrics
+from .multimodal import default_lora_targets, freeze_towers, load_processor_for
 from .objectives import CausalLMLoss
 from .optim import build_optimizer, lr_lambda
 from .step import StepLayout, forward_backward, micro_batch_loss
@@ -216,7 +217,9 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _load_tokenizer(self):
-        return load_tokenizer(resolve(self.cfg.model))
+        """The model's tokenizer; for a multimodal model its processor (a tokenizer that also reads the
+        media parts of chat data into ``Document.media``)."""
+        return load_processor_for(resolve(self.cfg.model), load_tokenizer)
 
     def _load_data(self, train_docs, val_docs):
         """Train and validation rows. ``cfg.val_data`` (files of one's own, same formats as ``data``):
@@ -288,8 +291,9 @@ class Trainer:
     def _lora(self, model) -> None:
         cfg = self.cfg
         if cfg.lora_rank:
+            targets = cfg.lora_targets or default_lora_targets(model, cfg.train_vision, cfg.train_audio)
             apply_lora(model, LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                         targets=cfg.lora_targets or None))
+                                         targets=targets))
 
     def _build_model(self, model):
         """LoRA, then (under a layout) the pipeline split and ``parallelize``; in one process activation
@@ -301,6 +305,7 @@ class Trainer:
             model, _ = load_any(source, dtype=torch.float32,
                                 device="cpu" if self.dims is not None else self.device, with_tokenizer=False)
         if is_rank0():
+            freeze_towers(model, train_vision=self.cfg.train_vision, train_audio=self.cfg.train_audio)
             self._lora(model)
             self.base_id = _frozen_id(model)
         self.base_id = _from_rank0(self.base_id)
@@ -323,6 +328,7 @@ class Trainer:
         full = {k: v.detach().cpu() for k, v in model.state_dict().items()} if is_rank0() else {}
         del model
         meta = build_meta_model(config)
+        freeze_towers(meta, train_vision=self.cfg.train_vision, train_audio=self.cfg.train_audio)
         self._lora(meta)
         if self.dims.pp > 1:  # cut the meta model down to this rank's stage first
             n_mb = self.cfg.accum * self.cfg.rows_per_micro_batch // self.dims.dp_shard
