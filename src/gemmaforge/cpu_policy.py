@@ -274,11 +274,13 @@ class _BlockedHead(torch.autograd.Function):
 def head_product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``hidden @ weight.T`` (``weight [V, H]``): in vocabulary blocks on CPU for 2..512 fp32 tokens
     (bench/RESULTS.md: 13 tokens at 2 threads 214 -> 133 ms), with ``F.linear``'s backward;
-    ``F.linear`` elsewhere (one token, other dtypes and devices, under compile)."""
+    ``F.linear`` elsewhere (one token, other dtypes and devices, a column-major weight, under compile)."""
     rows = hidden.numel() // max(hidden.shape[-1], 1)
     lo, hi = HEAD_BLOCKED_ROWS
+    # row-major weights only: over the decode layout's column-major weight the blocks are strided
+    # slices, ~15x slower than F.linear's one product (which then reads W^T contiguous)
     if not (hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32 and lo <= rows <= hi
-            and not torch.compiler.is_compiling()):
+            and weight.stride(-1) == 1 and not torch.compiler.is_compiling()):
         return F.linear(hidden, weight)
     z = _BlockedHead.apply(hidden.reshape(rows, hidden.shape[-1]), weight)
     return z.view(*hidden.shape[:-1], weight.shape[0])

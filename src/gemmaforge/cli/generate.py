@@ -2,7 +2,12 @@
 
     gemmaforge generate --prompt TEXT | --prompt - | --prompt-file F  [--chat [--system TEXT]]
                         [--model M] [--adapter DIR] [--max-new-tokens N] [--temperature T]
-                        [--top-k K] [--top-p P] [--seed S]
+                        [--top-k K] [--top-p P] [--seed S] [--jsonl]
+
+``--prompt-file F`` holds one prompt per line (empty lines skipped); several prompts are generated
+together (``inference.batch.generate_batch_ids``) and printed one after the other, each under a
+``=== [i/n] line L ===`` header (``--jsonl``: one JSON object per prompt). A prompt that spans
+lines comes from stdin: ``--prompt - < F``.
 
 Also the pieces ``chat`` shares: the sampling flags (read here, so a bad value is one line naming the
 flag and the value), the ``--device`` / ``--adapter`` checks made before the model loads, the loading,
@@ -26,14 +31,23 @@ def register(sub) -> None:
     add_model_args(g)
     src = g.add_argument_group("prompt (exactly one)")
     src.add_argument("--prompt", default=None, metavar="TEXT", help="the prompt; '-' reads it from stdin")
-    src.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt from FILE (UTF-8)")
+    src.add_argument("--prompt-file", default=None, metavar="FILE",
+                     help="one prompt per line (UTF-8; empty lines skipped), generated together as one batch; "
+                          "each output is printed under a '=== [i/n] line L ===' header (one prompt: just its "
+                          "text). A prompt spanning several lines: --prompt - < FILE")
     g.add_argument("--chat", action="store_true",
                    help="the prompt is a user message: render it in the chat template, reply stops at <end_of_turn>")
     g.add_argument("--system", default=None, metavar="TEXT", help="a system prompt (implies --chat)")
     add_sampling_args(g, max_new_tokens=64)
+    g.add_argument("--jsonl", action="store_true",
+                   help="print one JSON object per prompt: {\"line\", \"prompt\", \"completion\"} "
+                        "(line: the prompt's line in --prompt-file, else 1)")
     g.add_argument("--progress", action="store_true",
                    help="show the progress bar on stderr (default: only when stderr is a tty and stdout is not)")
     g.add_argument("--adapter", default=None, help="a LoRA adapter dir (PEFT format) applied on top of --model")
+    g.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image the prompt reads (repeatable; a multimodal model): one per <start_of_image> "
+                        "in the prompt, else all of them before the prompt's text")
     g.set_defaults(func=cmd_generate)
 
 
@@ -83,13 +97,22 @@ def load_model_and_tokenizer(a, dev: str):
     from ..api import from_pretrained, load_tokenizer
 
     t0 = time.perf_counter()
-    model = from_pretrained(a.model, dtype=a.dtype, device=dev)
+    model = from_pretrained(a.model, dtype=a.dtype, device=dev, text_only=bool(getattr(a, "text_only", False)))
     model.attn_backend = a.attn_backend
     if a.adapter:
         from ..formats.peft import load_adapter
 
         load_adapter(model, a.adapter)
-    tok = load_tokenizer(a.model)
+    if getattr(a, "image", None):
+        from ..api import load_processor
+        from ..errors import InputError
+
+        if not model.media_specs():
+            raise InputError(f"--image given to a text-only model ({type(model).__name__}): use a multimodal "
+                             "checkpoint (Gemma3ForConditionalGeneration)")
+        tok = load_processor(a.model)
+    else:
+        tok = load_tokenizer(a.model)
     print(f"loaded {a.model or 'gemma-3-270m'}{' + ' + a.adapter if a.adapter else ''} on {dev} "
           f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return model, tok
@@ -127,9 +150,32 @@ class Out:
 
 # ----------------------------------------------------------------------------- the command
 
-def read_prompt(a) -> str:
+def read_prompts(a) -> list[tuple[int, str]]:
+    """``(line number, prompt)`` of every prompt: one per non-empty line of ``--prompt-file F``, else
+    ``read_prompt``'s one prompt (line 1)."""
+    from ..errors import InputError
+
+    if a.prompt_file is None:
+        return [(1, read_prompt(a))]
+    text = read_prompt(a, whole_file=True)
+    where = f"--prompt-file {a.prompt_file}"
+    out = []
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if not line:
+            continue
+        if a.chat and not line.strip():
+            raise InputError(f"{where}: line {n}: empty chat message (only spaces)")
+        out.append((n, line))
+    if not out:
+        raise InputError(f"{where}: empty prompt (no line holds text)")
+    return out
+
+
+def read_prompt(a, whole_file: bool = False) -> str:
     """The prompt from ``--prompt TEXT``, ``--prompt -`` (stdin) or ``--prompt-file F``. Text read from
-    stdin or a file loses one trailing newline (files end with one; the prompt should not)."""
+    stdin or a file loses one trailing newline (files end with one; the prompt should not).
+    ``whole_file``: a file's text may be empty or blank (``read_prompts`` checks its lines)."""
     from ..errors import InputError
 
     if a.prompt is not None and a.prompt_file is not None:
@@ -161,9 +207,73 @@ def read_prompt(a) -> str:
         data = data.removeprefix("\ufeff")
         data = data[:-2] if data.endswith("\r\n") else data[:-1] if data.endswith("\n") else data
     empty = not data.strip() if a.chat else not data  # a chat turn is stripped; a prompt of spaces is text
-    if empty:
+    if empty and not (whole_file and a.prompt_file is not None):
         raise InputError(f"{where}: empty prompt")
     return data
+
+
+def _messages(a, prompt: str, images=None) -> list[dict]:
+    content = prompt
+    if images:  # the images first, then the text, in one user turn
+        content = [{"type": "image", "path": str(p)} for p in images] + [{"type": "text", "text": prompt}]
+    return ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": content}]
+
+
+def check_images(a, several: bool = False) -> None:
+    """``--image`` files readable (before the model loads); one prompt only."""
+    from ..data.images import check_image
+    from ..errors import InputError
+
+    for p in getattr(a, "image", None) or []:
+        check_image(p)
+    if getattr(a, "image", None) and several:
+        raise InputError("--image applies to one prompt (not to --prompt-file with several lines or --jsonl)")
+
+
+def _generate_many(a, model, tok, prompts: list[tuple[int, str]], sampling: dict) -> int:
+    """Every prompt in one batch (``generate_batch_ids``); the outputs printed in the prompts' order
+    once all are done, each under a header (or as JSON lines with ``--jsonl``)."""
+    import json
+
+    from tqdm import tqdm
+
+    from ..inference.batch import decode_reply, generate_batch_ids
+    from ..inference.chat import chat_prompt_ids
+    from ..inference.generate import stop_ids_of
+
+    if a.chat:
+        ids = [chat_prompt_ids(tok, _messages(a, p)) for _, p in prompts]
+    else:
+        ids = [tok.encode(p) for _, p in prompts]
+    ctx = model.config.max_position_embeddings
+    for (line, _), row in zip(prompts, ids):
+        if len(row) > ctx:
+            from ..errors import InputError
+
+            raise InputError(f"--prompt-file {a.prompt_file}: line {line}: prompt of {len(row)} tokens is longer "
+                             f"than the model's context ({ctx})")
+    bar = tqdm(total=sampling["max_new_tokens"] * len(ids), desc=f"generating {len(ids)} prompts", unit="tok",
+               file=sys.stderr, leave=False,
+               disable=not (a.progress or (sys.stderr.isatty() and not sys.stdout.isatty())))
+    try:
+        st = generate_batch_ids(model, ids, stop_ids=stop_ids_of(model, tok), return_stats=True,
+                                on_step=lambda rows, _toks: bar.update(len(rows)), **sampling)
+    finally:
+        bar.close()
+    out = Out()
+    n = len(prompts)
+    try:
+        for i, ((line, prompt), new) in enumerate(zip(prompts, st.ids), 1):
+            text = decode_reply(tok, new)
+            if a.jsonl:
+                out.write(json.dumps({"line": line, "prompt": prompt, "completion": text}, ensure_ascii=False) + "\n")
+            else:
+                out.write(f"=== [{i}/{n}] line {line} ===\n{text}\n")
+    except StdoutClosed:
+        return 0
+    print(f"{n} prompts, {st.new_tokens} tokens in {st.prefill_s + st.decode_s:.2f}s ({st.tokens_per_s:.1f} "
+          f"tokens/s; prompts {sum(st.prompt_tokens)} tokens prefilled in {st.prefill_s:.2f}s)", file=sys.stderr)
+    return 0
 
 
 def cmd_generate(a) -> int:
@@ -172,10 +282,14 @@ def cmd_generate(a) -> int:
 
     sampling = sampling_from_args(a)
     a.chat = a.chat or a.system is not None
-    prompt = read_prompt(a)
+    prompts = read_prompts(a)
     dev = check_device(a.device)
     check_adapter(a.adapter)
+    check_images(a, several=len(prompts) > 1 or a.jsonl)
     model, tok = load_model_and_tokenizer(a, dev)
+    if len(prompts) > 1 or a.jsonl:
+        return _generate_many(a, model, tok, prompts, sampling)
+    prompt = prompts[0][1]
 
     from tqdm import tqdm
 
@@ -185,11 +299,9 @@ def cmd_generate(a) -> int:
     kw = dict(on_token=lambda _: bar.update(1), on_text=out.write, return_stats=True, **sampling)
     try:
         if a.chat:
-            messages = ([{"role": "system", "content": a.system}] if a.system else []) + \
-                [{"role": "user", "content": prompt}]
-            _, st = chat(model, tok, messages, **kw)
+            _, st = chat(model, tok, _messages(a, prompt, images=a.image), **kw)
         else:
-            _, st = generate(model, tok, prompt, **kw)
+            _, st = generate(model, tok, prompt, images=a.image, **kw)
         out.write("\n")
     except StdoutClosed:
         return 0

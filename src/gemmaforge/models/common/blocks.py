@@ -41,8 +41,9 @@ def rope_cache_attend(q, k, v, ctx: ForwardContext, *, layer_idx: int, layer_typ
     k_doc, k_idx = info.doc, info.idx
     if ctx.cache is not None:
         k, v, k_doc, k_idx = ctx.cache.update(layer_idx, k, v, info.doc, info.idx)
-    call = AttnCall(info, k_doc, k_idx, window, scale, softcap, ctx.cache is None,
-                    bidirectional_groups=bidirectional_groups)
+    # the keys are exactly this call's tokens: no key source, or one that returned them as they came
+    own = ctx.cache is None or (k_idx is info.idx and k_doc is info.doc)
+    call = AttnCall(info, k_doc, k_idx, window, scale, softcap, own, bidirectional_groups=bidirectional_groups)
     return attend(q, k, v, ctx, call, i)
 
 

@@ -124,6 +124,8 @@ class CausalLM(nn.Module):
             raise InputError(f"mm_groups: {type(self).__name__} has no bidirectional image attention")
         info = build_seq_info(B, S, device, cu_seqlens=cu_seqlens, position_ids=position_ids,
                               attention_mask=attention_mask, past_len=past, groups=mm_groups)
+        if cache is not None and not getattr(cache, "single_doc", True):
+            info.single_doc = False  # the cache holds keys of other documents (a ragged batch's padding)
         # a packed row may be longer than the context: positions restart in every document
         longest = info.max_seqlen if info.cu_seqlens is not None else past + S
         if longest > self.config.max_position_embeddings and position_ids is None:

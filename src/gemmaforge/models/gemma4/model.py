@@ -96,7 +96,8 @@ class Gemma4Attention(nn.Module):
                 k, v, k_doc, k_idx = ctx.cache.update(i, k, v, k_doc, k_idx)
             if self.sharing == SHARE_STORE:
                 state.kv[self.layer_type] = (k, v, k_doc, k_idx)
-        call = AttnCall(ctx.info, k_doc, k_idx, self.window, self.scale, None, ctx.cache is None,
+        own = ctx.cache is None or (k_idx is ctx.info.idx and k_doc is ctx.info.doc)  # keys = this call's tokens
+        call = AttnCall(ctx.info, k_doc, k_idx, self.window, self.scale, None, own,
                         bidirectional_groups=self.bidirectional)
         return attn_output(self.o_proj, attend(q, k, v, ctx, call, i), ctx, i)
 
