@@ -166,3 +166,69 @@ def test_cli_media_to_a_text_only_model_and_placeholder_mismatch(setup, tmp_path
     (tmp_path / "c.jsonl").write_text(line + "\n")
     _one_line(_train_cli(d / "model", tmp_path / "c.jsonl", tmp_path / "r2"), "c.jsonl:1:",
               "8 media placeholder tokens for 1 media item(s) (expected 4)")
+
+
+# ---- generation with images ----
+
+def test_generate_with_images_equals_full_recompute(setup, tmp_path):
+    import gemmaforge
+
+    d, model, data = setup
+    img = write_image(tmp_path / "a.png", 7)
+    model = gemmaforge.from_pretrained(d / "model")
+    proc = gemmaforge.load_processor(d / "model")
+    text, st = gemmaforge.generate(model, proc, "what is this", images=[img], max_new_tokens=6, return_stats=True)
+    batch = proc(text="<start_of_image>what is this", images=[img])
+    ids = batch["input_ids"]
+    assert st.prompt_tokens == ids.shape[1]
+    with torch.no_grad():  # greedy without a cache: the whole sequence each step
+        for _ in range(len(st.ids)):
+            nxt = int(model(ids, pixel_values=batch["pixel_values"])[0, -1].argmax())
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    assert ids[0, batch["input_ids"].shape[1]:].tolist() == st.ids
+    reply = gemmaforge.chat(model, proc, [{"role": "user", "content": [{"type": "image", "path": str(img)},
+                                                                      {"type": "text", "text": "what"}]}],
+                            max_new_tokens=3)
+    assert isinstance(reply, str)
+
+
+def test_cli_generate_and_chat_with_image(setup, tmp_path):
+    d, model, data = setup
+    img = write_image(tmp_path / "a.png", 7)
+    r = run_cli("generate", "--model", str(d / "model"), "--image", str(img), "--image", str(img), "--prompt",
+                "what is this", "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("generate", "--model", str(d / "model"), "--image", str(img), "--chat", "--prompt", "what",
+                "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "gemmaforge", "chat", "--model", str(d / "model"), "--image", str(img),
+                        "--max-new-tokens", "3"], input="what is this\nand this\n", capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _one_line(run_cli("generate", "--model", str(d / "model"), "--image", str(tmp_path / "nope.png"), "--prompt", "x"),
+              "nope.png", "image file not found")
+    _one_line(run_cli("generate", "--model", str(d / "model"), "--image", str(img), "--prompt",
+                      "<start_of_image> and <start_of_image>"), "2 image placeholder(s) in the prompt but 1 image(s)")
+
+
+def test_cli_generate_image_refused_by_a_text_only_model(setup, tmp_path):
+    d, model, data = setup
+    img = write_image(tmp_path / "a.png", 7)
+    _one_line(run_cli("generate", "--model", "gemma-3-270m", "--image", str(img), "--prompt", "x",
+                      "--max-new-tokens", "1"), "--image given to a text-only model (Gemma3ForCausalLM)")
+
+
+def test_cli_text_only_flag_keeps_the_text_decoder(setup, tmp_path):
+    d, model, data = setup
+    img = write_image(tmp_path / "a.png", 7)
+    _one_line(run_cli("generate", "--model", str(d / "model"), "--text-only", "--image", str(img), "--prompt", "x"),
+              "--image given to a text-only model (Gemma3ForCausalLM)")
+    r = run_cli("generate", "--model", str(d / "model"), "--text-only", "--prompt", "the cat", "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("train", "--model", str(d / "model"), "--text-only", "--data", str(data), "--steps", "1",
+                "--seq-len", "64", "--batch-tokens", "128", "--dtype", "float32", "--out", str(tmp_path / "r"),
+                "--save-every", "0", "--val-fraction", "0")
+    _one_line(r, "data.jsonl:1:", "image part given to a text-only model")

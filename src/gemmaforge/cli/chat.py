@@ -19,7 +19,7 @@ import sys
 
 from .common import add_model_args, check_adapter, check_device
 from .generate import (Out, StdoutClosed, add_sampling_args,
-                       load_model_and_tokenizer, sampling_from_args)
+                       load_model_and_tokenizer, sampling_from_args, check_images)
 
 COMMANDS_HELP = "/reset forgets the conversation, /exit (or Ctrl-D) ends, /help shows this"
 _COMMAND = re.compile(r"/[A-Za-z]+")
@@ -34,6 +34,9 @@ def register(sub) -> None:
     c.add_argument("--system", default=None, metavar="TEXT", help="a system prompt (Gemma folds it into the first "
                                                                   "user turn)")
     add_sampling_args(c, max_new_tokens=256)
+    c.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image the conversation is about (repeatable; a multimodal model): given with the first "
+                        "user message")
     c.add_argument("--stats", action="store_true", help="after each reply, its token count and speed on stderr")
     c.set_defaults(func=cmd_chat)
 
@@ -61,9 +64,10 @@ def cmd_chat(a) -> int:
     check_adapter(a.adapter)
     if sys.stdin is None:
         raise InputError("chat: no stdin to read messages from")
+    check_images(a)
     model, tok = load_model_and_tokenizer(a, dev)
     seed = sampling.pop("seed")
-    conv = Conversation(model, tok, system=a.system or None, seed=seed, **sampling)
+    conv = Conversation(model, tok, system=a.system or None, seed=seed, images=a.image, **sampling)
 
     interactive = sys.stdin.isatty()
     if interactive:

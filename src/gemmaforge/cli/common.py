@@ -9,6 +9,8 @@ from pathlib import Path
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF dir, .gguf file or preset name (default: the embedded gemma-3-270m)")
+    p.add_argument("--text-only", action="store_true", default=None,
+                   help="a multimodal checkpoint's text decoder alone (its vision/audio towers not loaded)")
     p.add_argument("--dtype", default="float32", help="float32 (CPU default) or bfloat16 (GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--attn-backend", default=None, choices=["auto", "eager", "sdpa", "flex", "flash"],

@@ -134,7 +134,7 @@ def cmd_eval(a) -> int:
     docs = load_documents(a.data, tok)  # bad data fails before the model loads: file:line
     if not docs:
         raise DataError(f"{', '.join(a.data)}: no documents")
-    model = from_pretrained(a.model, dtype="float32", device=device)
+    model = from_pretrained(a.model, dtype="float32", device=device, text_only=bool(getattr(a, "text_only", False)))
     model.attn_backend = a.attn_backend
     if a.adapter:
         load_adapter(model, a.adapter)

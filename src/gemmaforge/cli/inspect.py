@@ -54,7 +54,7 @@ def cmd_inspect(a) -> int:
     device = check_device(a.device)
     check_adapter(a.adapter)
     t0 = time.perf_counter()
-    model = from_pretrained(a.model, dtype=a.dtype, device=device)
+    model = from_pretrained(a.model, dtype=a.dtype, device=device, text_only=bool(getattr(a, "text_only", False)))
     model.attn_backend = getattr(a, "attn_backend", None)
     if a.adapter:
         from ..formats.peft import load_adapter

@@ -75,7 +75,7 @@ def cmd_score(a) -> int:
     records = parse_rollouts(a.data)  # a malformed file fails before the model is loaded
     t0 = time.perf_counter()
     device = check_device(a.device)
-    model = from_pretrained(a.model, dtype=a.dtype, device=device)
+    model = from_pretrained(a.model, dtype=a.dtype, device=device, text_only=bool(getattr(a, "text_only", False)))
     model.attn_backend = getattr(a, "attn_backend", None)
     if a.adapter:
         from ..formats.peft import load_adapter

@@ -127,7 +127,7 @@ def _values(a) -> dict:
         if getattr(a, key) is not None:
             flags[key] = getattr(a, key)
     for key in ("model", "device", "attn_backend", "dtype", "activation_checkpointing", "no_merge", "progress",
-                "train_vision", "train_audio"):
+                "train_vision", "train_audio", "text_only"):
         if getattr(a, key) is not None:
             flags[key] = getattr(a, key)
     own = {}

@@ -156,7 +156,7 @@ def _check_messages(obj: dict, path: PathLike, line: int) -> list[dict]:
         if isinstance(content, list):
             _check_parts(content, w, path, line)
         elif not isinstance(content, str):
-            raise _err(path, line, f'{w}: "content" must be a string or a list of parts, got {_type_name(content)}')
+            raise _err(path, line, f'{w}: "content" must be a string, got {_type_name(content)} (or a list of parts)')
         if role not in _ROLES:
             raise _err(path, line, f"{w}: unknown role {role!r} (expected system, user, model or assistant)")
         kind = _ROLES[role]

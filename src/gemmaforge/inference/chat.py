@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..errors import InputError
-from .generate import _generate_text
+from .generate import _generate_text, prompt_with_media
 
 __all__ = ["chat", "chat_prompt_ids", "Conversation"]
 
@@ -41,16 +41,29 @@ def chat_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
 
 def chat(model, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, temperature: float = 0.0,
          top_k: int | None = None, top_p: float | None = None, seed: int | None = None, on_text=None,
-         on_token=None, return_stats: bool = False):
+         on_token=None, return_stats: bool = False, images=None):
     """The model's reply to ``messages`` (``[{"role": "system"|"user"|"assistant", "content": str}, ...]``,
     roles alternating user / assistant after an optional system message, the last one the user's).
 
     ``on_text(piece)`` gets the reply's text as it is generated, in whole characters (the pieces
     joined are the returned reply); ``on_token(id)`` each generated id. Sampling as in ``generate``
-    (temperature 0 is greedy). ``return_stats=True`` returns ``(reply, GenerationStats)``."""
+    (temperature 0 is greedy). ``return_stats=True`` returns ``(reply, GenerationStats)``.
+
+    Media: a message's content may be a list of parts (``{"type": "text", "text": ...}``,
+    ``{"type": "image", "path": ...}``); ``images`` fill image parts without a path, in order (with
+    ``tokenizer`` the model's processor, ``gemmaforge.load_processor``)."""
     ids = chat_prompt_ids(tokenizer, messages)
+    media = None
+    if images or _has_media(messages):
+        ids, media = prompt_with_media(model, tokenizer, messages=list(messages), images=images)
     return _generate_text(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed, on_token,
-                          on_text, return_stats)
+                          on_text, return_stats, media)
+
+
+def _has_media(messages) -> bool:
+    return any(isinstance(m, dict) and isinstance(m.get("content"), (list, tuple))
+               and any(isinstance(p, dict) and p.get("type") not in (None, "text") for p in m["content"])
+               for m in messages)
 
 
 class Conversation:
@@ -62,8 +75,9 @@ class Conversation:
 
     def __init__(self, model, tokenizer, system: str | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, images=None):
         self.model, self.tokenizer = model, tokenizer
+        self.images = list(images or [])  # shown with the first user message (paths or PIL images)
         self.system = system
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         self.seed = seed
@@ -76,6 +90,12 @@ class Conversation:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.turns
 
+    def _content(self, text: str, first: bool):
+        if not (first and self.images):
+            return text
+        return [{"type": "image", "image": im} if not isinstance(im, (str, bytes)) and not hasattr(im, "__fspath__")
+                else {"type": "image", "path": str(im)} for im in self.images] + [{"type": "text", "text": text}]
+
     def reset(self) -> None:
         self.turns = []
 
@@ -85,8 +105,9 @@ class Conversation:
             raise InputError(f"chat message must be a str, got {type(text).__name__}")
         k = len(self.turns) // 2
         seed = None if self.seed is None else self.seed + k
-        messages = self.messages + [{"role": "user", "content": text}]
+        messages = self.messages + [{"role": "user", "content": self._content(text, first=not self.turns)}]
         reply, self.stats = chat(self.model, self.tokenizer, messages, seed=seed, on_text=on_text,
                                  on_token=on_token, return_stats=True, **self.sampling)
-        self.turns += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        self.turns += [{"role": "user", "content": self._content(text, first=not self.turns)},
+                       {"role": "assistant", "content": reply}]
         return reply

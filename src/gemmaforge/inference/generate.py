@@ -88,8 +88,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_ids: set[int] | None = None, on_token=None) -> GenerationStats:
+                 stop_ids: set[int] | None = None, on_token=None, media: dict | None = None) -> GenerationStats:
     """Token-level generation for one prompt. ``on_token(id)`` is called for each new token.
+    ``media``: the prompt's media inputs (``pixel_values``...: a processor's), read by the prefill.
 
     On CPU the model's weights are first put in the decode layout (``use_decode_layout``).
     Nonsensical sampling settings raise ``InputError`` (``check_sampling``)."""
@@ -97,11 +98,11 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 64, tempera
     use_decode_layout(model)
     with torch.inference_mode():
         return _generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
-                             on_token)
+                             on_token, media)
 
 
 def _generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
-                  on_token) -> GenerationStats:
+                  on_token, media=None) -> GenerationStats:
     cfg = model.config
     if not prompt_ids:
         raise InputError("empty prompt")
@@ -120,7 +121,8 @@ def _generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, 
 
     t0 = time.perf_counter()
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=dev)
-    h = model(ids, cache=cache, return_hidden=True)
+    media = {k: v.to(dev) for k, v in (media or {}).items()}
+    h = model(ids, cache=cache, return_hidden=True, **media)
     logits = model.logits(h[:, -1])[0]
     stats.prefill_s = time.perf_counter() - t0
 
@@ -224,17 +226,41 @@ class TextStream:
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             on_token=None, return_stats: bool = False, on_text=None):
+             on_token=None, return_stats: bool = False, on_text=None, images=None):
     """Continue ``prompt``; return the continuation text (stops at EOS or ``<end_of_turn>``; special
     tokens are not in the text). ``on_token(id)`` gets each new id, ``on_text(piece)`` each new piece
-    of text as soon as it is whole (the pieces joined are the returned text)."""
-    ids = tokenizer.encode(prompt)  # BOS first: an empty prompt generates from BOS alone
+    of text as soon as it is whole (the pieces joined are the returned text).
+
+    ``images`` (paths or PIL images; ``tokenizer`` is then the model's processor, ``load_processor``):
+    one per ``<start_of_image>`` marker of the prompt; a prompt without markers gets them first."""
+    media = None
+    if images:
+        ids, media = prompt_with_media(model, tokenizer, text=prompt, images=images)
+    else:
+        ids = tokenizer.encode(prompt)  # BOS first: an empty prompt generates from BOS alone
     return _generate_text(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed, on_token,
-                          on_text, return_stats)
+                          on_text, return_stats, media)
+
+
+def prompt_with_media(model, processor, text=None, messages=None, images=None) -> tuple[list[int], dict]:
+    """``(prompt ids, media inputs)`` of a prompt with media, through the model's processor."""
+    specs = model.media_specs() if hasattr(model, "media_specs") else []
+    if not specs:
+        raise InputError(f"images given to a text-only model ({type(model).__name__})")
+    if not hasattr(processor, "handlers"):
+        raise InputError("images need the model's processor (gemmaforge.load_processor), not its tokenizer")
+    images = list(images or [])
+    if text is not None and images:
+        marker = processor.handler_for("image").marker
+        if marker not in text:
+            text = marker * len(images) + text
+    batch = processor(text=text, messages=messages, images=images or None, add_generation_prompt=True)
+    media = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "token_types", "token_type_ids")}
+    return batch["input_ids"][0].tolist(), media
 
 
 def _generate_text(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed, on_token, on_text,
-                   return_stats):
+                   return_stats, media=None):
     """``generate_ids`` with the tokenizer's stop ids, decoded (streamed through ``on_text`` if given)."""
     stream = TextStream(tokenizer, on_text)
 
@@ -244,6 +270,7 @@ def _generate_text(model, tokenizer, ids, max_new_tokens, temperature, top_k, to
         stream.push(i)
 
     stats = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed, stop_ids=stop_ids_of(model, tokenizer), on_token=step)
+                         top_p=top_p, seed=seed, stop_ids=stop_ids_of(model, tokenizer), on_token=step,
+                         media=media)
     text = stream.finish()
     return (text, stats) if return_stats else text

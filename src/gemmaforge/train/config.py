@@ -60,6 +60,7 @@ class TrainConfig:
     # written (the 270M's full checkpoint is 3.2 GB: model + AdamW moments, fp32)
     max_bad_steps: int = 3
     activation_checkpointing: bool = False
+    text_only: bool = False  # a multimodal checkpoint's text decoder alone (towers not loaded)
     train_vision: bool = False  # multimodal models: train the vision tower and projector too (frozen by default)
     train_audio: bool = False  # multimodal models: train the audio tower and its embedder too (frozen by default)
     dtype: str = "auto"  # auto: bf16 autocast on CUDA and on a CPU with native bf16, fp32 elsewhere; float32/fp32, bfloat16/bf16

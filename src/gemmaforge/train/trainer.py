@@ -219,6 +219,8 @@ class Trainer:
     def _load_tokenizer(self):
         """The model's tokenizer; for a multimodal model its processor (a tokenizer that also reads the
         media parts of chat data into ``Document.media``)."""
+        if self.cfg.text_only:
+            return load_tokenizer(resolve(self.cfg.model))
         return load_processor_for(resolve(self.cfg.model), load_tokenizer)
 
     def _load_data(self, train_docs, val_docs):
@@ -303,7 +305,8 @@ class Trainer:
             source = resolve(self.cfg.model)
             self.model_source = str(source.resolve())
             model, _ = load_any(source, dtype=torch.float32,
-                                device="cpu" if self.dims is not None else self.device, with_tokenizer=False)
+                                device="cpu" if self.dims is not None else self.device, with_tokenizer=False,
+                                text_only=self.cfg.text_only)
         if is_rank0():
             freeze_towers(model, train_vision=self.cfg.train_vision, train_audio=self.cfg.train_audio)
             self._lora(model)
