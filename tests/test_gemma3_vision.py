@@ -195,3 +195,22 @@ def test_presets_build_on_meta():
         m = build_model(cfg, device="meta")
         n = sum(p.numel() for p in m.model.vision_tower.parameters())
         assert 410e6 < n < 420e6, n  # SigLIP so400m at 896 px
+
+
+def test_gradients_match_transformers(pair):
+    """The lean tower (recomputed norms and GELU) gives transformers' gradients."""
+    m, hf = pair
+    ids = torch.tensor([doc([5], "img", [6, 7], "img", [8])])
+    px = torch.randn(2, 3, 32, 32)
+    m.zero_grad()
+    hf.zero_grad()
+    m(ids, pixel_values=px).square().mean().backward()
+    hf(input_ids=ids, pixel_values=px, token_type_ids=(ids == IMG).long()).logits.square().mean().backward()
+    from gemmaforge.formats.hf import hf_module_name
+
+    ref = dict(hf.named_parameters())
+    for n, p in m.named_parameters():
+        if "vision_tower" in n or "multi_modal_projector" in n:
+            torch.testing.assert_close(p.grad, ref[hf_module_name(m, n)].grad, atol=1e-5, rtol=1e-4, msg=n)
+    m.zero_grad()
+    hf.zero_grad()

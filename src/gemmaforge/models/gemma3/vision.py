@@ -14,8 +14,10 @@
   ``model.vision_tower`` and ``model.multi_modal_projector`` (transformers' in-memory names under
   ``model.``); ``formats/hf.py`` maps the checkpoint's spellings.
 
-The encoder's training memory is lean by construction: its MLP saves fc1's output only (the GELU and
-its product are recomputed in the backward, ``ops.act_linear``) and attention runs in torch SDPA.
+The encoder's training memory is lean by construction: its MLP saves fc1's output only (the GELU is
+recomputed in the backward, ``ops.act_linear``), the LayerNorms' outputs are recomputed from their
+inputs rather than kept by the projections that read them, and attention runs in torch SDPA (its
+output is already laid out for ``out_proj``: no copy).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ...layers.mlp import _module_hooked
 from ...layers.norm import GemmaRMSNorm
@@ -102,8 +105,16 @@ class SiglipEncoderLayer(nn.Module):
         self.mlp = SiglipMLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        x = x + self.self_attn(_lean_norm(self.layer_norm1, x))
+        return x + self.mlp(_lean_norm(self.layer_norm2, x))
+
+
+def _lean_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``; under autograd its output is not kept for the backward (the q/k/v projections or
+    fc1 would keep it, ``[tokens, width]`` per layer): it is recomputed from ``x`` when they need it."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return norm(x)
+    return checkpoint(norm, x, use_reentrant=False)
 
 
 class SiglipEncoder(nn.Module):
