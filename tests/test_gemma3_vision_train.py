@@ -232,3 +232,37 @@ def test_cli_text_only_flag_keeps_the_text_decoder(setup, tmp_path):
                 "--seq-len", "64", "--batch-tokens", "128", "--dtype", "float32", "--out", str(tmp_path / "r"),
                 "--save-every", "0", "--val-fraction", "0")
     _one_line(r, "data.jsonl:1:", "image part given to a text-only model")
+
+
+# ---- the towers under FSDP2 (2 CPU processes, gloo) ----
+
+@pytest.mark.dist
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_towers_under_fsdp2_equal_one_process(setup, tmp_path, train_vision):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
+    import mm_workers
+
+    from gemmaforge.formats.hf import read_safetensors
+    from gemmaforge.parallel.process import launch
+    from gemmaforge.train import read_metrics
+
+    d, model, data = setup
+    over = dict(train_vision=train_vision)
+    single = Trainer(mm_workers.mm_config(str(d / "model"), str(data), str(tmp_path / "single"), **over))
+    single.run()
+    ref = read_metrics(str(tmp_path / "single" / "metrics.jsonl"))
+    res = launch(mm_workers.run_mm, 2, str(d / "model"), str(data), str(tmp_path / "fsdp"), over)[0]
+    assert res["sharded"], "the vision tower's layers are FSDP2 units"
+    got = [r["loss"] for r in res["metrics"] if "loss" in r]
+    want = [r["loss"] for r in ref if "loss" in r]
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        assert abs(a - b) <= 1e-5, (got, want)
+    ref_w = read_safetensors(sorted((tmp_path / "single" / "final").glob("*.safetensors")))
+    for k, v in ref_w.items():
+        torch.testing.assert_close(res["weights"][k], v.float(), atol=1e-5, rtol=0, msg=k)
+    tower = "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(ref_w[tower], read_safetensors([d / "model" / "model.safetensors"])[tower]) != train_vision

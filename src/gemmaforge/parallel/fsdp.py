@@ -14,6 +14,10 @@ already ``sum over valid tokens / global valid tokens``, so summing per-rank gra
 the single-process gradient (a vocabulary-parallel table's shard gradient already sums every rank's
 tokens). Expert-parallel experts are ignored: they are already split over the EP group and stay
 replicated over dp_shard/ep x cp (``ep.sync_expert_grads``).
+
+A multimodal model's towers (the modules its ``media_specs`` name) are sharded too: each layer of a
+tower's ``layers`` list is its own FSDP2 unit, then each tower module one unit holding the rest (patch
+embedding, position table, final norm, projector), so a rank holds 1/P of the towers between uses.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..models.common.decoder import decoder_layers
+from ..models.common.media import tower_modules
 from .dims import ParallelConfig
 from .ep import expert_parameters
 from .vocab import apply_vocab_parallel
@@ -40,6 +45,12 @@ def apply_fsdp(model: nn.Module, fsdp_mesh, cfg: ParallelConfig) -> nn.Module:
         if rf is None:
             rf = i < len(layers) - 1
         fully_shard(layer, mesh=fsdp_mesh, reshard_after_forward=rf, mp_policy=mp, ignored_params=ignored)
+    for _, tower in tower_modules(model) if hasattr(model, "media_specs") else []:
+        for name, sub in tower.named_modules():
+            if name.rsplit(".", 1)[-1] == "layers" and isinstance(sub, (nn.ModuleList, nn.ModuleDict)):
+                for block in sub.children():
+                    fully_shard(block, mesh=fsdp_mesh, mp_policy=mp, ignored_params=ignored)
+        fully_shard(tower, mesh=fsdp_mesh, mp_policy=mp, ignored_params=ignored)
     # root group: what the blocks and the vocabulary-parallel tables leave (final norm, ...)
     fully_shard(model, mesh=fsdp_mesh, mp_policy=mp, ignored_params=ignored)
     for m in model.modules():
