@@ -111,6 +111,8 @@ def _unpack_targets(t: torch.Tensor, spec) -> dict[str, torch.Tensor]:
 
 def _pipeline_loss(model, batches, objective, layout: StepLayout, count: int, backward: bool,
                    autocast: torch.dtype | None) -> float:
+    if any(b.get("media") for b in batches):
+        raise LayoutError("pipeline parallelism with media (images, audio) is not supported")
     pipe = layout.pipe
     T = batches[0]["input_ids"].numel()
     dev = next(pipe.module.parameters()).device
