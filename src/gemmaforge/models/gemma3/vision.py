@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ...errors import InputError
 from ...layers.mlp import _module_hooked
 from ...layers.norm import GemmaRMSNorm
 from ...ops.act_linear import GeluLinear
@@ -49,8 +50,6 @@ class SiglipVisionEmbeddings(nn.Module):
         x = self.patch_embedding(pixel_values.to(w.dtype))  # [N, D, g, g]
         x = x.flatten(2).transpose(1, 2)  # [N, g*g, D]
         if x.shape[1] != self.num_patches:
-            from ...errors import InputError
-
             side = int(self.num_patches ** 0.5) * self.patch_size
             raise InputError(f"pixel_values of {tuple(pixel_values.shape[-2:])} pixels; this vision tower "
                              f"reads {side}x{side} images (resize them with the model's processor)")
