@@ -94,6 +94,7 @@ class Gemma4AudioFeatureExtractor:
                  **_ignored):
         self.feature_size = feature_size
         self.sampling_rate = sampling_rate
+        self.min_frequency, self.max_frequency, self.fft_overdrive = min_frequency, max_frequency, fft_overdrive
         self.padding_value = padding_value
         self.preemphasis = preemphasis
         self.preemphasis_htk_flavor = preemphasis_htk_flavor

@@ -13,6 +13,7 @@ Token types: image 1, audio 3 (the reference's ``mm_token_type_ids``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,16 @@ class Gemma4ImageHandler:
         from .images import check_image
 
         check_image(path)
+
+    def save(self, directory) -> None:
+        ip = self.image_processor
+        _update_processor_config(directory, {
+            "image_seq_length": ip.max_soft_tokens,
+            "image_processor": {"image_processor_type": "Gemma4ImageProcessor", "patch_size": ip.patch_size,
+                                "max_soft_tokens": ip.max_soft_tokens, "pooling_kernel_size": ip.pooling_kernel_size,
+                                "do_resize": True, "resample": 3, "do_rescale": True,
+                                "rescale_factor": ip.rescale_factor, "do_normalize": False,
+                                "do_convert_rgb": True}})
 
     def expansion_of(self, path) -> str:
         """The expansion of one image file from its header alone (its size), without decoding it."""
@@ -99,6 +110,23 @@ class Gemma4AudioHandler:
     def check(self, path) -> None:
         read_wav(path)
 
+    def save(self, directory) -> None:
+        fe = self.feature_extractor
+        _update_processor_config(directory, {
+            "audio_seq_length": self.max_soft_tokens, "audio_ms_per_token": 40,
+            "feature_extractor": {"feature_extractor_type": "Gemma4AudioFeatureExtractor",
+                                  "feature_size": fe.feature_size, "sampling_rate": fe.sampling_rate,
+                                  "padding_value": fe.padding_value, "return_attention_mask": True,
+                                  "frame_length_ms": fe.frame_length * 1000.0 / fe.sampling_rate,
+                                  "hop_length_ms": fe.hop_length * 1000.0 / fe.sampling_rate,
+                                  "min_frequency": fe.min_frequency, "max_frequency": fe.max_frequency,
+                                  "preemphasis": fe.preemphasis, "preemphasis_htk_flavor": fe.preemphasis_htk_flavor,
+                                  "fft_overdrive": fe.fft_overdrive, "dither": 0.0,
+                                  "input_scale_factor": fe.input_scale_factor, "mel_floor": float(fe.mel_floor),
+                                  "per_bin_mean": None if fe.per_bin_mean is None else fe.per_bin_mean.ravel().tolist(),
+                                  "per_bin_stddev": None if fe.per_bin_stddev is None
+                                  else fe.per_bin_stddev.ravel().tolist()}})
+
     def expansion_of(self, path) -> str:
         """The expansion of one WAV file (its soft tokens follow from its length alone)."""
         fe = self.feature_extractor
@@ -116,6 +144,15 @@ class Gemma4AudioHandler:
                              f"{self.max_soft_tokens} (30 s)")
         return ({"audio_features": out["input_features"], "audio_mask": out["input_features_mask"]},
                 [self.expansion(n) for n in counts])
+
+
+def _update_processor_config(directory, values: dict) -> None:
+    """Merge ``values`` into ``processor_config.json`` (transformers' Gemma4Processor layout: the image
+    processor and the feature extractor nested; each handler writes its part)."""
+    f = Path(directory) / "processor_config.json"
+    d = json.loads(f.read_text()) if f.is_file() else {}
+    d.update({"processor_class": "Gemma4Processor", **values})
+    f.write_text(json.dumps(d, indent=2) + "\n")
 
 
 def gemma4_handlers(cfg, preprocessor: dict | None, tokenizer=None) -> list:

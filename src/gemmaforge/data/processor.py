@@ -163,9 +163,11 @@ class Processor:
                 return h
         return None
 
-    def placeholders_per_item(self, handler) -> int:
-        """Placeholder tokens one item of ``handler`` gets in training text (its fixed expansion)."""
-        return self.tokenize(handler.fixed_expansion, add_bos=False).count(handler.token_id)
+    def placeholders_per_item(self, handler, source=None) -> int:
+        """Placeholder tokens one item of ``handler`` gets in training text (its fixed expansion, or, for a
+        handler whose count depends on the item (Gemma 4), ``handler.expansion_of(source)``)."""
+        text = handler.fixed_expansion if handler.fixed_expansion is not None else handler.expansion_of(source)
+        return self.tokenize(text, add_bos=False).count(handler.token_id)
 
     @property
     def media_token_ids(self) -> set[int]:

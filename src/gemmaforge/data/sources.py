@@ -213,6 +213,28 @@ def _media(msgs: list[dict], path: PathLike, line: int, tokenizer) -> list:
     return refs
 
 
+def _expand_per_item(pieces: list[tuple[str, bool]], media: list, path: PathLike, line: int):
+    """The markers of handlers whose expansion depends on the item (Gemma 4: an image's size, a clip's
+    length) replaced, in order across ``pieces``, by each item's own expansion (``expansion_of``)."""
+    queues: dict[int, tuple[object, list[str]]] = {}
+    for r in media:
+        if r.handler.fixed_expansion is None:
+            try:
+                exp = r.handler.expansion_of(r.source)
+            except GemmaforgeError as e:
+                raise _err(path, line, str(e)) from None
+            queues.setdefault(id(r.handler), (r.handler, []))[1].append(exp)
+    out = []
+    for text, trained in pieces:
+        for handler, q in queues.values():
+            parts = text.split(handler.marker)
+            if len(parts) - 1 > len(q):
+                raise _err(path, line, f"more {handler.modality} markers than {handler.modality} parts")
+            text = parts[0] + "".join(q.pop(0) + p for p in parts[1:])
+        out.append((text, trained))
+    return out
+
+
 def _chat(obj: dict, path: PathLike, line: int, tokenizer: Tokenizer) -> Document:
     msgs = _check_messages(obj, path, line)
     media = _media(msgs, path, line, tokenizer)
@@ -236,11 +258,13 @@ def _chat(obj: dict, path: PathLike, line: int, tokenizer: Tokenizer) -> Documen
         cursor = len(before) + cut
     if cursor < len(full):
         pieces.append((full[cursor:], False))
+    if any(r.handler.fixed_expansion is None for r in media):
+        pieces = _expand_per_item(pieces, media, path, line)
     doc = _encode_pieces(tokenizer, pieces, eos_trained=False)
     if media:
         placeholders = tokenizer.media_token_ids
         n = sum(1 for i in doc.ids if i in placeholders)
-        want = sum(tokenizer.placeholders_per_item(r.handler) for r in media)
+        want = sum(tokenizer.placeholders_per_item(r.handler, r.source) for r in media)
         if n != want:
             raise _err(path, line, f"{n} media placeholder tokens for {len(media)} media item(s) "
                                    f"(expected {want}): a text part holds a media marker")

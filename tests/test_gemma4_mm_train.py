@@ -1,0 +1,169 @@
+"""Fine-tuning a tiny Gemma 4 (E2B-like, vision + audio towers) on image+audio+text chat JSONL, fp32: the
+loss goes down, image and audio tokens carry no loss, each document keeps its media whose placeholder
+counts depend on the item (the image's size, the clip's length), frozen towers are unchanged and hold no
+optimizer state, --train-vision / --train-audio train them, a bad audio file is named with its line."""
+
+import io
+import json
+import wave
+
+import numpy as np
+import pytest
+import torch
+from _gemma4_mm import mm_model
+from conftest import run_cli
+
+from gemmaforge.data import load_documents, pack_documents
+from gemmaforge.formats.hf import save_hf
+from gemmaforge.formats.processor import build_processor
+from gemmaforge.train.config import TrainConfig
+from gemmaforge.train.trainer import Trainer
+
+WORDS = "the cat sat on a mat and dog ran to big red house in morning sun what is this sound".split()
+# the tiny preset's media tokens (gemma-4-tiny-e2b-mm)
+SPECIAL = {"<start_of_turn>": 105, "<end_of_turn>": 106, "<|image>": 504, "<image|>": 505, "<|image|>": 506,
+           "<|audio>": 508, "<audio|>": 509, "<|audio|>": 510}
+IMG, AUD = 506, 510
+
+
+def tiny_tokenizer():
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    from gemmaforge.data.tokenizer import Tokenizer
+
+    names = ["<pad>", "<eos>", "<bos>", "<unk>", *[f"▁{w}" for w in WORDS]]
+    vocab = {n: i for i, n in enumerate(names)}
+    vocab.update(SPECIAL)
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in SPECIAL])
+    return Tokenizer(backend)
+
+
+def _wav(path, seconds, freq, rate=16000):
+    t = np.arange(int(rate * seconds)) / rate
+    x = (0.4 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(x.tobytes())
+    path.write_bytes(buf.getvalue())
+
+
+def _image(path, seed, size):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def write_data(d, n=6):
+    (d / "media").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k in range(n):
+        # images of 8..24 x 8..16 px: 2x2..6x4 patches of 4 px, pooled 2x2 -> 1..6 soft tokens
+        _image(d / "media" / f"{k}.png", k, (8 + 4 * (k % 5), 8 + 4 * (k % 3)))
+        _wav(d / "media" / f"{k}.wav", 0.08 + 0.04 * k, 200 + 100 * k)
+        parts = [{"type": "image", "path": f"media/{k}.png"}, {"type": "audio", "path": f"media/{k}.wav"},
+                 {"type": "text", "text": "what is this sound"}]
+        reply = " ".join(WORDS[(k + i) % 10] for i in range(5))
+        lines.append(json.dumps({"messages": [{"role": "user", "content": parts},
+                                              {"role": "assistant", "content": reply}]}))
+    (d / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return d / "data.jsonl"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("g4mm")
+    model = mm_model("gemma-4-tiny-e2b-mm")
+    save_hf(model, d / "model", tokenizer=build_processor(model.config, tiny_tokenizer(),
+                                                          {"max_soft_tokens": 70}))
+    return d, model, write_data(d / "data")
+
+
+def _cfg(d, data, out, **kw):
+    base = dict(model=str(d / "model"), data=[str(data)], steps=6, lr=3e-3, seq_len=96, batch_tokens=192,
+                micro_batch_rows=2, dtype="float32", out=str(out), save_every=0, val_fraction=0.0, warmup_steps=0,
+                progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_media_tokens_carry_no_loss_and_counts_follow_each_item(setup):
+    d, model, data = setup
+    proc = build_processor(model.config, tiny_tokenizer(), {"max_soft_tokens": 70})
+    docs = load_documents(data, proc)
+    assert [len(doc.media) for doc in docs] == [2] * 6
+    n_img = [sum(1 for i in doc.ids if i == IMG) for doc in docs]
+    n_aud = [sum(1 for i in doc.ids if i == AUD) for doc in docs]
+    assert len(set(n_img)) > 1 and len(set(n_aud)) > 1  # the counts depend on the item
+    for doc, ni, na in zip(docs, n_img, n_aud):
+        img_ref, aud_ref = doc.media
+        got, _ = img_ref.handler([img_ref.source])
+        with torch.no_grad():
+            assert model.image_features(got["pixel_values"], got["image_position_ids"]).shape[0] == ni
+            a, _ = aud_ref.handler([aud_ref.source])
+            assert model.audio_features(a["audio_features"], a["audio_mask"]).shape[0] == na
+    for r in pack_documents(docs, 96):
+        assert not bool(((r.labels == IMG) | (r.labels == AUD) | (r.labels == 504) | (r.labels == 505)
+                         | (r.labels == 508) | (r.labels == 509)).any())
+        assert bool((r.labels != -100).any())
+
+
+def test_fine_tune_on_image_audio_text_lowers_loss_towers_frozen(setup, tmp_path):
+    d, model, data = setup
+    t = Trainer(_cfg(d, data, tmp_path / "run"))
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    towers = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+    tower = {id(p) for n, p in t.model.named_parameters() if n.startswith(towers)}
+    assert tower and not any(p.requires_grad for n, p in t.model.named_parameters() if id(p) in tower)
+    assert not (tower & {id(p) for g in t.optimizer.param_groups for p in g["params"]})
+    t.run()
+    assert not any(id(p) in tower for p in t.optimizer.state)
+    losses = _losses(tmp_path / "run")
+    assert losses[-1] < losses[0] - 0.5, losses
+    after = t.model.state_dict()
+    for k, v in before.items():
+        if k.startswith(towers):
+            assert torch.equal(after[k], v), k
+    final = tmp_path / "run" / "final"
+    cfg = json.loads((final / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma4ForConditionalGeneration"] and cfg["audio_config"] is not None
+    pc = json.loads((final / "processor_config.json").read_text())
+    assert pc["processor_class"] == "Gemma4Processor" and "feature_extractor" in pc and "image_processor" in pc
+
+
+def test_train_audio_trains_the_audio_tower_only(setup, tmp_path):
+    d, model, data = setup
+    t = Trainer(_cfg(d, data, tmp_path / "run", steps=2, train_audio=True))
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.run()
+    after = t.model.state_dict()
+    k_aud = "model.audio_tower.layers.0.self_attn.q_proj.linear.weight"
+    k_img = "model.vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight"
+    assert not torch.equal(after[k_aud], before[k_aud]) and torch.equal(after[k_img], before[k_img])
+
+
+def test_bad_audio_file_is_named_with_its_line(setup, tmp_path):
+    d, _, _ = setup
+    data = tmp_path / "bad.jsonl"
+    (tmp_path / "x.wav").write_text("not audio")
+    msg = {"messages": [{"role": "user", "content": [{"type": "audio", "path": "x.wav"},
+                                                     {"type": "text", "text": "the cat"}]},
+                        {"role": "assistant", "content": "a dog"}]}
+    data.write_text(json.dumps(msg) + "\n")
+    r = run_cli("train", "--model", str(d / "model"), "--data", str(data), "--steps", "1", "--out",
+                str(tmp_path / "o"), "--dtype", "float32")
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "bad.jsonl:1" in lines[0] and "x.wav" in lines[0], r.stderr
