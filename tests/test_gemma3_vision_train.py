@@ -266,3 +266,11 @@ def test_towers_under_fsdp2_equal_one_process(setup, tmp_path, train_vision):
         torch.testing.assert_close(res["weights"][k], v.float(), atol=1e-5, rtol=0, msg=k)
     tower = "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
     assert torch.equal(ref_w[tower], read_safetensors([d / "model" / "model.safetensors"])[tower]) != train_vision
+
+
+def test_cli_eval_reads_image_chat_data(setup):
+    d, model, data = setup
+    r = run_cli("eval", "--model", str(d / "model"), "--data", str(data), "--seq-len", "64", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["documents"] == 6 and out["tokens"] > 0

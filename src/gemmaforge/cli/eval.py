@@ -124,13 +124,14 @@ def cmd_eval(a) -> int:
     device = torch.device(check_device(a.device))
     autocast = _autocast(a.dtype, device)
 
-    from ..api import from_pretrained, load_tokenizer
+    from ..api import from_pretrained, load_processor, load_tokenizer
     from ..data import load_documents
     from ..formats.peft import load_adapter
     from ..train.evaluate import evaluate
 
     t0 = time.perf_counter()
-    tok = load_tokenizer(a.model)
+    # a multimodal model's processor reads the image parts of chat data (a text-only one's is its tokenizer)
+    tok = load_tokenizer(a.model) if getattr(a, "text_only", False) else load_processor(a.model)
     docs = load_documents(a.data, tok)  # bad data fails before the model loads: file:line
     if not docs:
         raise DataError(f"{', '.join(a.data)}: no documents")
