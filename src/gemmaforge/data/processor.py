@@ -235,7 +235,7 @@ class Processor:
         return out
 
     def __call__(self, messages=None, text=None, images=None, audio=None, add_generation_prompt: bool = True,
-                 do_pan_and_scan: bool | None = None, base_dir=None, return_tensors: bool = True) -> dict:
+                 do_pan_and_scan: bool | None = None, base_dir=None) -> dict:
         """``input_ids`` ``[B, S]``, ``attention_mask``, ``token_types`` (also as ``token_type_ids``) and
         each modality's inputs (``pixel_values`` ...), for one conversation (``messages``: a list of
         messages), several (a list of such lists: rows padded on the left) or ``text`` (a string or
