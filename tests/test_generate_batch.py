@@ -207,7 +207,8 @@ def test_cli_prompt_file_one_prompt_per_line(tiny_dir, tmp_path):
                 env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(x) for x in r.stdout.splitlines()]
-    assert rows == [{"line": n, "prompt": p, "completion": w} for n, p, w in zip([1, 3, 4], [p for p in LINES if p], want)]
+    texts = [p for p in LINES if p]
+    assert rows == [{"line": n, "prompt": p, "completion": w} for n, p, w in zip([1, 3, 4], texts, want)]
 
     one = tmp_path / "one.txt"  # one prompt: streamed as before, no header
     one.write_text(LINES[0] + "\n", encoding="utf-8")
@@ -216,7 +217,8 @@ def test_cli_prompt_file_one_prompt_per_line(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, named", [(["--top-p", "2"], "--top-p 2"), (["--temperature", "-1"], "--temperature -1"),
-                                         (["--max-new-tokens", "0"], "--max-new-tokens 0"), (["--seed", "x"], "--seed x")])
+                                         (["--max-new-tokens", "0"], "--max-new-tokens 0"),
+                                         (["--seed", "x"], "--seed x")])
 def test_cli_prompt_file_bad_sampling_values_are_one_line(tmp_path, args, named):
     f = tmp_path / "p.txt"
     f.write_text("a\nb\n")
