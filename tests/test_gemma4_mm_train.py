@@ -65,7 +65,7 @@ def write_data(d, n=6):
     (d / "media").mkdir(parents=True, exist_ok=True)
     lines = []
     for k in range(n):
-        # images of 8..24 x 8..16 px: 2x2..6x4 patches of 4 px, pooled 2x2 -> 1..6 soft tokens
+        # images of several sizes and aspect ratios (each resized to fill the 70-soft-token budget)
         _image(d / "media" / f"{k}.png", k, (8 + 4 * (k % 5), 8 + 4 * (k % 3)))
         _wav(d / "media" / f"{k}.wav", 0.08 + 0.04 * k, 200 + 100 * k)
         parts = [{"type": "image", "path": f"media/{k}.png"}, {"type": "audio", "path": f"media/{k}.wav"},
@@ -167,3 +167,32 @@ def test_bad_audio_file_is_named_with_its_line(setup, tmp_path):
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "bad.jsonl:1" in lines[0] and "x.wav" in lines[0], r.stderr
+
+
+def test_generate_with_image_equals_full_recompute_and_chat_hears(setup, tmp_path):
+    import gemmaforge
+
+    d, _, data = setup
+    _image(tmp_path / "a.png", 9, (16, 12))
+    model = gemmaforge.from_pretrained(d / "model")
+    proc = gemmaforge.load_processor(d / "model")
+    text, st = gemmaforge.generate(model, proc, "what is this", images=[tmp_path / "a.png"], max_new_tokens=5,
+                                   return_stats=True)
+    batch = proc(text="<start_of_image>what is this", images=[tmp_path / "a.png"])
+    ids = batch["input_ids"]
+    n_img = proc.handler_for("image").image_processor.num_soft_tokens(12, 16)  # resized to fill the budget
+    assert st.prompt_tokens == ids.shape[1] and int((ids == IMG).sum()) == n_img
+    with torch.no_grad():  # greedy without a cache: the whole sequence each step
+        for _ in range(len(st.ids)):
+            nxt = int(model(ids, pixel_values=batch["pixel_values"],
+                            image_position_ids=batch["image_position_ids"])[0, -1].argmax())
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    assert ids[0, batch["input_ids"].shape[1]:].tolist() == st.ids
+    _wav(tmp_path / "a.wav", 0.2, 440)
+    reply = gemmaforge.chat(model, proc, [{"role": "user", "content": [{"type": "audio", "path": str(tmp_path / "a.wav")},
+                                                                      {"type": "text", "text": "what"}]}],
+                            max_new_tokens=3)
+    assert isinstance(reply, str)
+    r = run_cli("generate", "--model", str(d / "model"), "--image", str(tmp_path / "a.png"), "--prompt", "what is this",
+                "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -25,6 +25,12 @@ def chat_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     """The token ids the model reads before its reply: BOS, the conversation in Gemma's chat format,
     then ``<start_of_turn>model\\n``. The conversation must end with a user message."""
     messages = list(messages)
+    check_conversation(messages)
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def check_conversation(messages: list) -> None:
+    """One line for a conversation the model cannot reply to (no user message last, an empty one)."""
     turns = messages[1:] if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" \
         else messages
     if not turns:
@@ -36,7 +42,6 @@ def chat_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     content = last.get("content")
     if isinstance(content, str) and not content.strip():
         raise InputError("chat: empty user message")
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
 
 def chat(model, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, temperature: float = 0.0,
@@ -52,10 +57,12 @@ def chat(model, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, 
     Media: a message's content may be a list of parts (``{"type": "text", "text": ...}``,
     ``{"type": "image", "path": ...}``); ``images`` fill image parts without a path, in order (with
     ``tokenizer`` the model's processor, ``gemmaforge.load_processor``)."""
-    ids = chat_prompt_ids(tokenizer, messages)
     media = None
-    if images or _has_media(messages):
+    if images or _has_media(messages):  # the processor expands each item's markers (their counts may vary)
+        check_conversation(list(messages))
         ids, media = prompt_with_media(model, tokenizer, messages=list(messages), images=images)
+    else:
+        ids = chat_prompt_ids(tokenizer, messages)
     return _generate_text(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed, on_token,
                           on_text, return_stats, media)
 
