@@ -14,6 +14,7 @@ naming them, or any other non-Linear module, is an error rather than a silent no
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
@@ -65,8 +66,13 @@ class LoraLinear(nn.Module):
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.adapter_enabled = True  # False: the base weight alone (``adapters_disabled``: a DPO/GRPO reference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_enabled:
+            if self.merged:
+                raise RuntimeError("a merged LoRA module cannot run with its adapter disabled (unmerge it first)")
+            return F.linear(x, self.weight, self.bias)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         b = self.lora_B.weight
@@ -174,6 +180,22 @@ def effective_weight(linear: nn.Module) -> torch.Tensor:
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block every ``LoraLinear`` of ``model`` applies its base weight alone: the model is the
+    frozen base it was adapted from, with no second copy in memory (the reference policy of DPO / GRPO).
+    A flag each module's ``forward`` reads; restored on exit (also on an exception)."""
+    mods = list(lora_modules(model).values())
+    before = [m.adapter_enabled for m in mods]
+    for m in mods:
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m, b in zip(mods, before):
+            m.adapter_enabled = b
 
 
 def merge(model: nn.Module) -> None:

@@ -6,9 +6,11 @@ import argparse
 import sys
 
 from . import chat, convert, eval, export_gguf, generate, inspect, merge, score, train
+from . import dpo, grpo
 
 # each module: register(subparsers)
 COMMANDS = (generate, chat, merge, convert, train, eval, inspect, score, export_gguf)
+COMMANDS += (dpo, grpo)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -70,6 +70,13 @@ def _config_defaults() -> dict:
 def register(sub) -> None:
     t = sub.add_parser("train", help="continued pretraining / fine-tuning (default: the embedded 270M on "
                                      "CPython's language reference)")
+    add_training_args(t)
+    t.set_defaults(func=cmd_train)
+
+
+def add_training_args(t, layouts: bool = True) -> None:
+    """The model flags, every training flag and the parallel-layout flags (``layouts``: CP and PP too):
+    ``gemmaforge train``'s, which ``dpo`` and ``grpo`` share."""
     add_model_args(t)
     t.set_defaults(dtype=None)  # train's --dtype: auto (default), float32/fp32, bfloat16/bf16
     for action in t._actions:
@@ -105,6 +112,9 @@ def register(sub) -> None:
                         "plain line per logging interval)")
     t.add_argument("--dp-shard", type=int, default=-1, help="FSDP2 shards (-1: world / (cp*tp*pp))")
     t.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    if not layouts:
+        t.set_defaults(cp=1, pp=1, ep=1, pp_schedule="1f1b", compile=False)
+        return
     t.add_argument("--cp", type=int, default=1, help="context-parallel ranks (shard each row)")
     t.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (MoE models; borrowed from --dp-shard, "
                    "which it must divide; experts are split over them)")
@@ -113,7 +123,6 @@ def register(sub) -> None:
     t.add_argument("--pp-schedule", default="1f1b", type=str.lower, choices=["gpipe", "1f1b"],
                    help="pipeline schedule (1f1b needs at least --pp rows per step per pipeline)")
     t.add_argument("--compile", action="store_true", help="torch.compile each block")
-    t.set_defaults(func=cmd_train)
 
 
 def _values(a) -> dict:
@@ -142,8 +151,13 @@ def _values(a) -> dict:
 
 
 def cmd_train(a) -> int:
-    """A wrong layout is the same error on every rank: rank 0 alone prints its one line (every rank
-    exits with code 2)."""
+    return run_training(a)
+
+
+def run_training(a, task=None, before=None) -> int:
+    """``gemmaforge train`` (``task`` None) or a task's command (dpo, grpo): the Trainer at the flags'
+    layout. ``before()``: the task's own checks, run before any data or model loads. A wrong layout is
+    the same error on every rank: rank 0 alone prints its one line (every rank exits with code 2)."""
     from ..parallel.dims import LayoutError, ParallelConfig, ParallelDims, pipeline_schedule_name
     from ..parallel.process import is_rank0
     from ..train.config import TrainConfig
@@ -163,10 +177,12 @@ def cmd_train(a) -> int:
             dims = None
         else:
             dims.validate(world)  # the world size alone: fails before the process group or the model
+        if before is not None:
+            task = before()
         values = _values(a)
         pcfg = ParallelConfig(activation_checkpointing=bool(values.get("activation_checkpointing")),
                               compile=a.compile, pp_schedule=pipeline_schedule_name(a.pp_schedule))
-        summary = Trainer(TrainConfig(**values), dims=dims, parallel=pcfg).run()
+        summary = Trainer(TrainConfig(**values), dims=dims, parallel=pcfg, task=task).run()
     except LayoutError:
         if int(os.environ.get("RANK", "0")) != 0:
             return 2

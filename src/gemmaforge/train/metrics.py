@@ -34,6 +34,36 @@ def plot_metrics(metrics_path: str | Path, png: str | Path) -> Path:
     return Path(png)
 
 
+def plot_series(metrics_path: str | Path, png: str | Path, names: list[str], ylabel: str = "") -> Path:
+    """Curves of ``names`` from ``metrics.jsonl``: the training steps' values as lines, the validation's
+    (``val_<name>``) as markers, one panel per name (a task's own metrics: DPO rewards, GRPO reward)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), dpi=110, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        tr = [(r["step"], r[name]) for r in rows if name in r and not r.get("skipped")]
+        va = [(r["step"], r[f"val_{name}"]) for r in rows if f"val_{name}" in r]
+        if tr:
+            ax.plot(*zip(*tr), label="train", lw=1.3)
+        if va:
+            ax.plot(*zip(*va), "o-", label="validation", lw=1.3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if tr or va:
+            ax.legend(fontsize=7)
+    if ylabel:
+        axes[0][0].set_ylabel(ylabel, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return Path(png)
+
+
 def _scalars(row: dict) -> dict[str, float]:
     """A metrics row's numbers under TensorBoard / wandb tags: ``train/loss``, ``train/lr``, ``val/loss``..."""
     out = {}
@@ -128,6 +158,10 @@ def _wandb_run(run_dir: Path, config: dict, log):
     return run
 
 
+# a task's own metrics shown on the plain log line (DPO, GRPO)
+_TASK_KEYS = ("reward_accuracy", "reward_margin", "reward_mean", "kl", "entropy", "completion_len")
+
+
 def plain_line(row: dict, steps: int, elapsed: float, done: int) -> str:
     """One log line for a step when there is no progress bar: step, loss, lr, grad norm, throughput, time.
     ``done``: steps this process has run in ``elapsed`` seconds (for the ETA)."""
@@ -141,8 +175,15 @@ def plain_line(row: dict, steps: int, elapsed: float, done: int) -> str:
     if "grad_norm" in row:
         parts.append(f"grad_norm {row['grad_norm']:.3g}")
     parts.append(f"{row.get('tokens_per_s', 0):.0f} tok/s")
+    for k in _TASK_KEYS:
+        if k in row:
+            parts.append(f"{k} {row[k]:.3g}")
     if "val_loss" in row:
-        parts.append(f"val_loss {row['val_loss']:.4f} (perplexity {row['val_ppl']:.2f})")
+        ppl = f" (perplexity {row['val_ppl']:.2f})" if "val_ppl" in row else ""
+        parts.append(f"val_loss {row['val_loss']:.4f}{ppl}")
+        for k in _TASK_KEYS:
+            if f"val_{k}" in row:
+                parts.append(f"val_{k} {row[f'val_{k}']:.3g}")
     eta = elapsed / max(done, 1) * (steps - step)
     parts.append(f"{_clock(elapsed)} elapsed, {_clock(eta)} left")
     return "  ".join(parts)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from .. import cpu_policy
 from ..adapters.lora import LoraConfig, apply_lora, merged_copy
-from ..data import Document, collate_rows, load_documents, pack_documents, packing_stats, train_val_split
+from ..data import Document, load_documents, pack_documents, packing_stats, train_val_split
 from ..errors import CheckpointError, ConfigError, DataError, GemmaforgeError
 from ..formats.convert import load_any, load_tokenizer
 from ..formats.hf import load_into, save_hf
@@ -45,17 +45,17 @@ from ..parallel.dims import LayoutError, ParallelConfig, ParallelDims, pipeline_
 from ..parallel.init import build_meta_model, materialize
 from ..parallel.parallelize import parallelize
 from ..parallel.pp import Pipeline
-from ..parallel.process import get_world_size, init_distributed, is_distributed, is_rank0, rank0_log, shard_items
+from ..parallel.process import get_world_size, init_distributed, is_distributed, is_rank0, rank0_log
 from ..parallel.state import full_state_dict
 from .checkpointer import latest_checkpoint, load_train_state, remove_checkpoints, save_train_state
 from .config import SAVE_DTYPES, TrainConfig, absolute_paths, run_dir_of, shard_bytes, write_recipe
-from .data import RowStream, builtin_corpus
+from .data import builtin_corpus
 from .health import clip_grads_, grad_norm_and_finite, locate_in_step
 from .metrics import MetricSinks, plain_line, plot_metrics
 from .multimodal import default_lora_targets, freeze_towers, load_processor_for
-from .objectives import CausalLMLoss
 from .optim import build_optimizer, lr_lambda
 from .step import StepLayout, forward_backward, micro_batch_loss
+from .tasks import CausalLMTask
 
 
 class TrainingStopped(GemmaforgeError):
@@ -76,15 +76,18 @@ class Trainer:
     ``dims`` / ``parallel``: the parallel layout (``ParallelDims``) and what to apply
     (``ParallelConfig``: activation checkpointing, compile, pipeline schedule, FSDP mixed precision);
     without ``dims`` a process group started by torchrun gets ``ParallelDims()`` (FSDP over every
-    rank). ``objective``: what the step optimises (default: causal-LM cross-entropy). ``model``: a
+    rank). ``task``: what the run trains for (``tasks.CausalLMTask``, the default; ``DPOTask``,
+    ``GRPOTask``): its data, batch source and objective. ``objective``: replaces the task's. ``model``: a
     ready model (single process) or, under a layout, the full model on rank 0 (other ranks pass
     None); default: loaded from ``cfg.model``.
     """
 
     def __init__(self, cfg: TrainConfig, *, model=None, tokenizer=None, train_docs=None, val_docs=None, log=None,
-                 dims: ParallelDims | None = None, parallel: ParallelConfig | None = None, objective=None):
+                 dims: ParallelDims | None = None, parallel: ParallelConfig | None = None, objective=None,
+                 task=None):
         cfg.validate()
         self.cfg = cfg
+        self.task = task or CausalLMTask()
         init_distributed()
         self.world = get_world_size()
         self.log = rank0_log(log)
@@ -117,22 +120,23 @@ class Trainer:
         # tokenizer and data first: bad data fails in a second, before the model loads
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
         self._check_context(self._early_context(model))
-        self.train_rows, self.val_rows = self._load_data(train_docs, val_docs)
-        self.data_id = _rows_id(self.train_rows)
+        self.train_rows, self.val_rows = self.task.load_data(self, train_docs, val_docs)
+        self.data_id = self.task.data_id(self)
         self._resolve_steps()
         self.pipe = None
         self.base_id = None  # the frozen weights' identity (LoRA): a checkpoint without them names its base
+        self.ref_model = None  # the task's frozen reference policy (DPO/GRPO without LoRA), sharded as the model
         self.model = self._build_model(model)
         self.cpu = cpu_policy.for_training(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg)
         self._anchor: tuple[int, float] | None = None  # where a resumed run with other --steps re-fits the decay
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.objective = objective or CausalLMLoss(chunk_size=cfg.loss_chunk_size)
         self.layout = StepLayout.of(self.model, self.pipe)
         st = self.model.transforms.parallel
         self.dp_rank = st.dp_rank if st is not None and st.mesh is not None else 0
-        self.stream = RowStream(self.train_rows, cfg.seed)
+        self.source, task_objective = self.task.build(self)
+        self.objective = objective or task_objective
         self.step = 0
         self.bad_in_a_row = 0
         self.metrics_path = self.out / "metrics.jsonl"
@@ -151,6 +155,7 @@ class Trainer:
                                   f"under torchrun")
             return None
         d = (dims or ParallelDims()).validate(self.world, seq_len=cfg.seq_len)
+        self.task.check_layout(d)
         rows = cfg.accum * cfg.rows_per_micro_batch
         if rows % d.dp_shard:
             raise LayoutError(f"parallel layout: {rows} rows per step (--batch-tokens {cfg.batch_tokens} / "
@@ -277,7 +282,7 @@ class Trainer:
         """``--epochs`` into steps; a data set too small for one step is reported (its rows repeat within
         every step)."""
         cfg = self.cfg
-        rows, per = len(self.train_rows), cfg.accum * cfg.rows_per_micro_batch
+        rows, per = len(self.train_rows), self.task.items_per_step(self)
         if cfg.epochs is not None:
             cfg.steps = max(1, math.ceil(cfg.epochs * rows / per))
             self.log(f"--epochs {cfg.epochs:g}: {cfg.steps} steps ({rows} packed rows, {per} per step)")
@@ -308,6 +313,8 @@ class Trainer:
                                 device="cpu" if self.dims is not None else self.device, with_tokenizer=False,
                                 text_only=self.cfg.text_only)
         if is_rank0():
+            if self._wants_reference() and self.dims is None:
+                self.ref_model = _frozen_copy(model)  # before LoRA, checkpointing, compile: the plain base
             freeze_towers(model, train_vision=self.cfg.train_vision, train_audio=self.cfg.train_audio)
             self._lora(model)
             self.base_id = _frozen_id(model)
@@ -339,6 +346,12 @@ class Trainer:
             meta = self.pipe.module
         parallelize(meta, mesh, self.pcfg)
         materialize(meta, self.device, state_dict=full, broadcast=True)
+        if self._wants_reference():  # the frozen reference, sharded like the policy (no checkpointing: no grad)
+            ref = build_meta_model(config)
+            parallelize(ref, mesh, ParallelConfig())
+            materialize(ref, self.device, state_dict=full, broadcast=True)
+            self.ref_model = _frozen_copy(ref, copy=False)
+            self.ref_model.attn_backend = self.cfg.attn_backend
         del full
         meta.train()
         meta.attn_backend = self.cfg.attn_backend
@@ -347,6 +360,19 @@ class Trainer:
         if self.pipe is not None:
             self.log(f"parallel: {self.pipe.describe()} (rank 0's stage)")
         return meta
+
+    def _wants_reference(self) -> bool:
+        """A frozen copy is the reference only without LoRA (with it: the adapters disabled)."""
+        return bool(self.task.needs_reference) and not self.cfg.lora_rank
+
+    @property
+    def stream(self):
+        """The row order of a packed-row source (its data position)."""
+        return self.source.stream
+
+    @stream.setter
+    def stream(self, value) -> None:
+        self.source.stream = value
 
     def fingerprint(self) -> dict:
         """What a checkpoint continues only with: the model, the training shape, the data (its packed
@@ -360,20 +386,35 @@ class Trainer:
             fp[k] = getattr(c, k)
         if self.base_id is not None:
             fp["base_model"] = self.base_id
+        fp.update(self.task.fingerprint())
         return fp
 
     # ---- the step ----
     def _micro_batches(self) -> list[dict]:
-        """This rank's micro-batches of the next step (the global step's rows, then this rank's share)."""
-        cfg = self.cfg
-        rows = [self.stream.next() for _ in range(cfg.accum * cfg.rows_per_micro_batch)]
-        mine = shard_items(rows, self.dp_rank, self.dims.dp_shard) if self.dims is not None else rows
-        per = 1 if self.pipe is not None else cfg.rows_per_micro_batch
-        return [collate_rows(mine[i:i + per]) for i in range(0, len(mine), per)]
+        """This rank's micro-batches of the next step, from the task's batch source."""
+        return self.source.batches(self.step)
+
+    def _reduce_metrics(self, sums: dict) -> dict:
+        """``{name: (sum, weight)}`` of this rank -> ``{name: global sum / global weight}`` (collective)."""
+        if not sums:
+            return {}
+        names = sorted(sums)
+        t = torch.tensor([[float(sums[k][0]), float(sums[k][1])] for k in names], dtype=torch.float64)
+        if is_distributed() and self.layout.dp_group is not None:
+            dist.all_reduce(t, group=self.layout.dp_group)
+        return {k: float(t[i, 0] / t[i, 1]) if t[i, 1] > 0 else float("nan") for i, k in enumerate(names)}
+
+    def _pop_metrics(self) -> dict:
+        sums = dict(self.source.pop_metrics())
+        pop = getattr(self.objective, "pop_metrics", None)
+        sums.update(pop() if pop is not None else {})
+        return self._reduce_metrics(sums)
 
     def train_step(self) -> dict:
-        pos_before = self.stream.state()
+        pos_before = self.source.state_dict()
+        t0 = time.perf_counter()
         batches = self._micro_batches()
+        t_data = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = forward_backward(self.model, batches, self.objective, self.layout, autocast=self.autocast)
         # one pass over the gradients: their norm (for clipping) and whether all are finite (every rank)
@@ -381,7 +422,9 @@ class Trainer:
             else (None, False)
         ok = finite and math.isfinite(res.loss)
         row = {"step": self.step + 1, "loss": res.loss, "lr": self.scheduler.get_last_lr()[0], "tokens": res.tokens,
-               "valid_tokens": res.count}
+               "valid_tokens": res.count, **self._pop_metrics()}
+        if t_data > 0.05:  # a source that computes (reference log-probs, rollouts): its time, apart from the step's
+            row["data_s"] = t_data
         if ok:
             if self.cfg.clip > 0 and gn is not None:
                 clip_grads_(self.params, self.cfg.clip, gn)
@@ -391,9 +434,7 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             where, j = self._diagnose(batches, res)
-            per = 1 if self.pipe is not None else self.cfg.rows_per_micro_batch
-            msg = (f"step {self.step + 1}: skipped, {where} (micro-batch {j}, data epoch {pos_before['epoch']} "
-                   f"row {pos_before['cursor'] + j * per})")
+            msg = f"step {self.step + 1}: skipped, {where} (micro-batch {j}, {self.source.where(pos_before, j)})"
             self.log(msg)
             row.update(skipped=True, reason=msg)
             self.bad_in_a_row += 1
@@ -429,15 +470,29 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
-        if not self.val_rows:
-            return None
-        from .evaluate import evaluate_rows  # the one evaluation path (``gemmaforge eval`` uses it too)
+        """The objective on the source's validation batches: ``val_loss`` (``val_ppl`` where the objective's
+        loss is a cross-entropy), ``val_tokens`` (its count) and ``val_<metric>`` of the objective's
+        metrics. The same path as ``evaluate.evaluate_rows`` (``gemmaforge eval``): one
+        ``forward_backward(..., backward=False)`` over every batch, the model in eval mode."""
+        from .evaluate import perplexity
 
-        mine = shard_items(self.val_rows, self.dp_rank, self.dims.dp_shard) if self.dims is not None else self.val_rows
-        ev = evaluate_rows(self.model, mine, self.objective, self.layout, autocast=self.autocast)
-        if ev is None:
+        batches = self.source.val_batches()
+        if not batches:
             return None
-        return {"val_loss": ev["loss"], "val_ppl": ev["perplexity"], "val_tokens": ev["tokens"]}
+        was = self.model.training
+        self.model.eval()
+        try:
+            res = forward_backward(self.model, batches, self.objective, self.layout, backward=False,
+                                   autocast=self.autocast)
+        finally:
+            self.model.train(was)
+        extra = {f"val_{k}": v for k, v in self._pop_metrics().items()}
+        if res.count == 0:
+            return None
+        out = {"val_loss": res.loss}
+        if getattr(self.objective, "perplexity", True):
+            out["val_ppl"] = perplexity(res.loss)
+        return {**out, "val_tokens": res.count, **extra}
 
     # ---- persistence ----
     def _write_metrics(self, row: dict) -> None:
@@ -454,7 +509,7 @@ class Trainer:
                  "schedule_state": {"steps": self.cfg.steps, "anchor": list(self._anchor) if self._anchor else None}}
         return save_train_state(self.out, self.step, model=self.model, optimizer=self.optimizer,
                                 scheduler=self.scheduler,
-                                data_state={**self.stream.state(), "bad_in_a_row": self.bad_in_a_row},
+                                data_state={**self.source.state_dict(), "bad_in_a_row": self.bad_in_a_row},
                                 extra=extra, keep_last=max(1, self.cfg.keep_last), trainable_only=True)
 
     def _resume(self, path: str) -> None:
@@ -494,7 +549,7 @@ class Trainer:
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr  # the rate in force at the save point
         self.step = step
-        self.stream = RowStream(self.train_rows, self.cfg.seed, data_state["epoch"], data_state["cursor"])
+        self.source.load_state_dict(data_state)
         self.bad_in_a_row = int(data_state.get("bad_in_a_row", 0))
         # metrics after the checkpoint belong to the interrupted future: drop them so the curve is exact
         if is_rank0() and self.metrics_path.exists():
@@ -553,6 +608,8 @@ class Trainer:
             if is_rank0():
                 write_recipe(dataclasses.replace(cfg, **absolute_paths(
                     {k: getattr(cfg, k) for k in ("data", "val_data", "model")})), self.out)
+                if self.task.fingerprint():  # a task's own settings (--resume restores them with the recipe)
+                    (self.out / "task.json").write_text(json.dumps(self.task.fingerprint(), indent=2) + "\n")
             self._open_sinks(first_step=start + 1 if start else 0)
             return self._run()
         except BaseException:
@@ -603,7 +660,7 @@ class Trainer:
         if self.step == 0:
             ev = self.evaluate()
             if ev:
-                self.log(f"validation before: loss {ev['val_loss']:.4f}, perplexity {ev['val_ppl']:.2f}")
+                self.log(f"validation before: {_val_text(ev)}")
                 self._write_metrics({"step": 0, **ev})
                 summary["val_before"] = ev
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step", file=sys.stderr,
@@ -620,8 +677,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 bar.update(1)
                 if "val_loss" in row:
-                    bar.write(f"step {self.step}: validation loss {row['val_loss']:.4f}, perplexity "
-                              f"{row['val_ppl']:.2f}", file=sys.stderr)
+                    bar.write(f"step {self.step}: validation {_val_text(row)}", file=sys.stderr)
             elif self.step % every == 0 or self.step in (first + 1, cfg.steps) or "val_loss" in row \
                     or row.get("skipped"):
                 self.log(plain_line(row, cfg.steps, time.perf_counter() - t0, self.step - first))
@@ -636,7 +692,7 @@ class Trainer:
                     return summary
                 ck = self.save_checkpoint()
                 summary["checkpoint"] = str(ck)
-                self.log(f"stopped by signal at step {self.step}; checkpoint {ck}; resume with: gemmaforge train "
+                self.log(f"stopped by signal at step {self.step}; checkpoint {ck}; resume with: gemmaforge {self.task.command} "
                          f"--resume {self.out}  (its settings are restored; flags given again override)")
                 return summary
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
@@ -644,7 +700,7 @@ class Trainer:
         bar.close()
         ev = self.evaluate()
         if ev:
-            self.log(f"validation after:  loss {ev['val_loss']:.4f}, perplexity {ev['val_ppl']:.2f}")
+            self.log(f"validation after:  {_val_text(ev)}")
             self._write_metrics({"step": self.step, **ev})
             summary["val_after"] = ev
         if cfg.save_every and cfg.keep_last:
@@ -694,6 +750,7 @@ class Trainer:
         return dst
 
     def plot(self) -> Path:
+        self.task.plot(self)
         return plot_metrics(self.metrics_path, self.out / "loss.png")
 
 
@@ -703,13 +760,25 @@ _FIXED = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "dec
           "beta2", "eps", "lora_alpha", "lora_dropout", "lora_targets")
 
 
-def _rows_id(rows) -> str:
-    """The training rows' identity: their count and a digest of their tokens, labels and boundaries."""
-    h = hashlib.sha256()
-    for r in rows:
-        for t in (r.input_ids, r.labels, r.cu_seqlens):
-            h.update(t.numpy().tobytes())
-    return f"{len(rows)} rows, sha256 {h.hexdigest()[:16]}"
+def _val_text(ev: dict) -> str:
+    """``loss 2.1234, perplexity 8.37`` (and the objective's validation metrics, e.g. DPO's rewards)."""
+    parts = [f"loss {ev['val_loss']:.4f}"]
+    if "val_ppl" in ev:
+        parts.append(f"perplexity {ev['val_ppl']:.2f}")
+    parts += [f"{k[4:]} {v:.4g}" for k, v in ev.items() if k.startswith("val_") and k not in
+              ("val_loss", "val_ppl", "val_tokens")]
+    return ", ".join(parts)
+
+
+def _frozen_copy(model, copy: bool = True):
+    """A reference policy: ``model`` (or a deep copy of it) in eval mode with every parameter frozen."""
+    import copy as _copy
+
+    ref = _copy.deepcopy(model) if copy else model
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
 
 
 def _frozen_id(model) -> str | None:
@@ -722,7 +791,8 @@ def _frozen_id(model) -> str | None:
             if p.requires_grad:
                 continue
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel())).long().to(flat.device)
+            idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel())).long().clamp(max=flat.numel() - 1)
+            idx = idx.to(flat.device)  # (clamped: fp32 linspace rounds the last index of a 167M table up)
             h.update(f"{name}{tuple(p.shape)}".encode())
             h.update(flat[idx].to(torch.float64).cpu().numpy().tobytes())
             n += 1
