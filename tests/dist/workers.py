@@ -30,12 +30,13 @@ def trainer_config(out: str, **over):
     evaluation and a checkpoint every 2 steps. Adam's first steps are ~sign(g): where |g| is near
     eps, fp32 rounding differences between layouts (reduction orders, ~1e-6 relative) would be
     amplified to ~lr; eps well above the rounding level keeps "same weights to 1e-5" a statement
-    about the layouts."""
+    about the layouts. fp32 (not ``--dtype auto``, bf16 on a CPU with native bf16): the layouts are
+    compared to 1e-5, far below bf16's rounding."""
     from gemmaforge.train import TrainConfig
 
     base = dict(out=out, steps=STEPS, lr=1e-3, eps=1e-4, warmup_steps=1, seq_len=SEQ_LEN, batch_tokens=128,
                 micro_batch_rows=2, eval_every=2, save_every=2, keep_last=2, progress=False, eval_rows=2, seed=1,
-                weight_decay=0.01)
+                weight_decay=0.01, dtype="float32")
     base.update(over)
     return TrainConfig(**base)
 
