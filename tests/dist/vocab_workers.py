@@ -49,7 +49,8 @@ def trainer_kwargs(out: str, **over):
 
     docs = corpus()
     base = dict(out=out, steps=4, lr=1e-3, eps=1e-4, warmup_steps=1, seq_len=32, batch_tokens=128, micro_batch_rows=1,
-                eval_every=2, save_every=2, keep_last=2, progress=False, eval_rows=2, seed=1, loss_chunk_size=16)
+                eval_every=2, save_every=2, keep_last=2, progress=False, eval_rows=2, seed=1, loss_chunk_size=16,
+                dtype="float32")  # layouts compared to 1e-5: fp32, not --dtype auto (bf16 where the CPU has it)
     base.update(over)
     return base, dict(tokenizer=ByteTok(), train_docs=docs[:34], val_docs=docs[34:], log=lambda m: None)
 
