@@ -139,6 +139,11 @@ def test_bad_input_is_refused(tiny):
     with pytest.raises(InputError, match="longer than the model's context"):
         generate_batch_ids(tiny, [[5] * (tiny.config.max_position_embeddings + 1)])
     assert generate_batch_ids(tiny, []) == []
+    # a prompt that fills the context gets no new token (as in single-prompt generation); the others go on
+    full, short = [5] * tiny.config.max_position_embeddings, [6, 7, 8]
+    got = generate_batch_ids(tiny, [full, short], max_new_tokens=4, stop_ids=set())
+    assert got == [generate_ids(tiny, p, max_new_tokens=4, stop_ids=set()).ids for p in (full, short)]
+    assert got[0] == [] and len(got[1]) == 4
 
 
 def test_cache_keeps_only_the_window_on_sliding_layers(tiny):

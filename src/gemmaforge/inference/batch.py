@@ -294,6 +294,8 @@ def _run(model, prompts, max_new_tokens, temperature, top_k, top_p, gens, stops,
         picks = _pick(logits, rows, temperature, top_k, top_p, gens)
         keep, fed, got_rows, got = [], [], [], []
         for j, (r, t) in enumerate(zip(rows, picks)):
+            if budget[r] <= 0:  # a prompt that fills the context: no new token, as in single-prompt generation
+                continue
             if t in stops[r]:
                 stats.stopped_on[r] = t
                 continue
