@@ -16,7 +16,7 @@
 
 The encoder's training memory is lean by construction: its MLP saves fc1's output only (the GELU is
 recomputed in the backward, ``ops.act_linear``), the LayerNorms' outputs are recomputed from their
-inputs rather than kept by the projections that read them, and attention runs in torch SDPA (its
+inputs rather than kept by the projections that read them (``ops.norm_linear``), and attention runs in torch SDPA (its
 output is already laid out for ``out_proj``: no copy).
 """
 
@@ -25,12 +25,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ...errors import InputError
 from ...layers.mlp import _module_hooked
 from ...layers.norm import GemmaRMSNorm
 from ...ops.act_linear import GeluLinear
+from ...ops.norm_linear import LayerNormLinears
 from ..common.media import IMAGE, MediaSpec
 from .config import Gemma3Config, SiglipVisionConfig
 from .model import Gemma3ForCausalLM
@@ -68,12 +68,16 @@ class SiglipAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, P, _ = x.shape
-        q = self.q_proj(x).view(N, P, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(N, P, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(N, P, -1, self.head_dim).transpose(1, 2)
+        return self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention and ``out_proj`` of projected ``q``, ``k``, ``v`` ``[N, P, width]``."""
+        N, P, _ = q.shape
+        q = q.view(N, P, -1, self.head_dim).transpose(1, 2)
+        k = k.view(N, P, -1, self.head_dim).transpose(1, 2)
+        v = v.view(N, P, -1, self.head_dim).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # every patch sees every patch
-        return self.out_proj(o.transpose(1, 2).reshape(N, P, -1))
+        return self.out_proj(o.transpose(1, 2).reshape(N, P, -1))  # SDPA's output is [N, P, H, d]: a view
 
 
 class SiglipMLP(nn.Module):
@@ -88,7 +92,10 @@ class SiglipMLP(nn.Module):
         return type(f) is nn.Linear and type(f.weight.data) is torch.Tensor and not _module_hooked(f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
+        return self.down(self.fc1(x))
+
+    def down(self, h: torch.Tensor) -> torch.Tensor:
+        """``fc2(gelu(h))`` of fc1's output ``h``."""
         if self._plain_fc2() and torch.is_grad_enabled():
             # saves fc1's output only: GELU(h) (fc2's input) is recomputed in the backward
             return GeluLinear.apply(h, self.fc2.weight, self.fc2.bias, self.approximate)
@@ -103,17 +110,27 @@ class SiglipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = SiglipMLP(cfg)
 
+    def _plain(self, *mods) -> bool:
+        """Plain modules (no LoRA wrapper, sharded weight or hook): the fused norm + projections may
+        read their weights directly."""
+        return torch.is_grad_enabled() and all(
+            type(m) in (nn.Linear, nn.LayerNorm) and type(m.weight.data) is torch.Tensor and not _module_hooked(m)
+            for m in mods)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(_lean_norm(self.layer_norm1, x))
-        return x + self.mlp(_lean_norm(self.layer_norm2, x))
-
-
-def _lean_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)``; under autograd its output is not kept for the backward (the q/k/v projections or
-    fc1 would keep it, ``[tokens, width]`` per layer): it is recomputed from ``x`` when they need it."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return norm(x)
-    return checkpoint(norm, x, use_reentrant=False)
+        a, n1 = self.self_attn, self.layer_norm1
+        if self._plain(n1, a.q_proj, a.k_proj, a.v_proj):
+            # the norm's output is not kept for q/k/v's weight gradients: recomputed from x in the backward
+            q, k, v = LayerNormLinears.apply(x, n1.weight, n1.bias, n1.eps, a.q_proj.weight, a.q_proj.bias,
+                                             a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias)
+            x = x + a.attend(q, k, v)
+        else:
+            x = x + a(n1(x))
+        m, n2 = self.mlp, self.layer_norm2
+        if self._plain(n2, m.fc1):
+            (h,) = LayerNormLinears.apply(x, n2.weight, n2.bias, n2.eps, m.fc1.weight, m.fc1.bias)
+            return x + m.down(h)
+        return x + m(n2(x))
 
 
 class SiglipEncoder(nn.Module):
