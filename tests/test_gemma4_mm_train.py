@@ -196,3 +196,63 @@ def test_generate_with_image_equals_full_recompute_and_chat_hears(setup, tmp_pat
     r = run_cli("generate", "--model", str(d / "model"), "--image", str(tmp_path / "a.png"), "--prompt", "what is this",
                 "--max-new-tokens", "3")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_lora_on_both_towers_loads_in_peft_with_identical_logits(setup, tmp_path):
+    peft = pytest.importorskip("peft")
+    import transformers
+    from _gemma4_mm import patches, prompt
+
+    d, model, data = setup
+    t = Trainer(_cfg(d, data, tmp_path / "run", steps=3, lr=1e-2, lora_rank=4, train_vision=True, train_audio=True,
+                     no_merge=True))
+    wrapped = [n for n, m in t.model.named_modules() if type(m).__name__ == "LoraLinear"]
+    assert any(n.startswith("model.vision_tower.encoder.layers.1.self_attn.q_proj") for n in wrapped)
+    assert any(n.startswith("model.audio_tower.layers.0.self_attn.relative_k_proj") for n in wrapped)
+    assert any(n.startswith("model.layers.") for n in wrapped)
+    t.run()
+    adapter = tmp_path / "run" / "adapter"
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(d / "model", dtype=torch.float32).eval()
+    cfg = t.model.config
+    g = torch.Generator().manual_seed(0)
+    pix, pos, n_img = patches([(4, 6)], 4, 2, 8, g)
+    feats = torch.randn(1, 25, 16, generator=g)
+    mask = torch.ones(1, 25, dtype=torch.bool)
+    ids, types = prompt(cfg, [("text", 2), ("image", n_img[0]), ("audio", 7), ("text", 3)], g)
+    kw = dict(pixel_values=pix, image_position_ids=pos)
+    with torch.no_grad():
+        base = hf(input_ids=ids[None], input_features=feats, input_features_mask=mask, mm_token_type_ids=types[None],
+                  **kw).logits
+        pm = peft.PeftModel.from_pretrained(hf, adapter).eval()
+        ref = pm(input_ids=ids[None], input_features=feats, input_features_mask=mask, mm_token_type_ids=types[None],
+                 **kw).logits
+        t.model.eval()
+        ours = t.model(ids[None], audio_features=feats, audio_mask=mask, **kw)
+    assert (ref - base).abs().max() > 1e-3
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_activation_checkpointing_wraps_tower_layers_same_gradients():
+    from _gemma4_mm import patches, prompt
+
+    from gemmaforge.parallel.checkpointing import apply_activation_checkpointing, is_checkpointed
+
+    def grads(ac):
+        m = mm_model("gemma-4-tiny-e2b-mm").train()
+        if ac:
+            apply_activation_checkpointing(m)
+            assert all(is_checkpointed(x) for x in m.model.vision_tower.encoder.layers)
+            assert all(is_checkpointed(x) for x in m.model.audio_tower.layers)
+        g = torch.Generator().manual_seed(3)
+        pix, pos, n_img = patches([(4, 6), (2, 4)], 4, 2, 8, g)
+        feats = torch.randn(1, 29, 16, generator=g)
+        mask = torch.ones(1, 29, dtype=torch.bool)
+        ids, _ = prompt(m.config, [("text", 3), ("image", n_img[0]), ("image", n_img[1]), ("audio", 8), ("text", 4)], g)
+        m(ids[None], pixel_values=pix, image_position_ids=pos, audio_features=feats, audio_mask=mask).square().mean() \
+            .backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    a, b = grads(False), grads(True)
+    assert a.keys() == b.keys() and any("audio_tower" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
