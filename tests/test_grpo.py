@@ -166,10 +166,11 @@ def test_grpo_with_lora_and_checkpointing_samples_real_rollouts(tmp_path):
     assert abs(ra["loss"] - rb["loss"]) < 1e-6 and ra["completion_len"] > 0
 
 
-def test_grpo_under_fsdp2_x2_equals_one_process(tmp_path):
+def test_grpo_and_dpo_under_fsdp2_x2_equal_one_process(tmp_path):
     """The same rollouts (seeded per step and rollout) under FSDP2 x 2, the frozen reference sharded too:
-    every step's loss, KL and the trained weights equal one process's (<= 1e-5); and real sampling under
-    FSDP2 runs (both ranks generate the step's rollouts in lockstep and get the same ones)."""
+    every step's loss, KL and the trained weights equal one process's (<= 1e-5); real sampling under
+    FSDP2 runs (both ranks generate the step's rollouts in lockstep and get the same ones). DPO likewise:
+    losses, rewards (training and held-out) and weights equal one process's."""
     import grpo_workers
 
     from gemmaforge.parallel.process import launch
@@ -184,6 +185,17 @@ def test_grpo_under_fsdp2_x2_equals_one_process(tmp_path):
         assert a["valid_tokens"] == b["valid_tokens"]
     for k, v in single["weights"].items():
         torch.testing.assert_close(res[0]["weights"][k], v, atol=1e-5, rtol=0, msg=k)
+    # DPO in the same launch: its pairs split over the ranks, the frozen reference sharded too
+    dpo_single = grpo_workers.run_dpo(str(tmp_path / "dpo-single"), fsdp=False)
+    a_rows, b_rows = dpo_single["metrics"], res[0]["dpo"]["metrics"]
+    keys = ("loss", "val_loss", "reward_margin", "val_reward_margin", "reward_accuracy")
+    assert len(a_rows) == len(b_rows) and sum("loss" in r for r in a_rows) == 3
+    for a, b in zip(a_rows, b_rows):
+        for k in keys:
+            if k in a:
+                assert abs(a[k] - b[k]) <= 1e-5, (k, a, b)
+    for k, v in dpo_single["weights"].items():
+        torch.testing.assert_close(res[0]["dpo"]["weights"][k], v, atol=1e-5, rtol=0, msg=k)
 
 
 # ----------------------------------------------------------------------------- CLI: bad input

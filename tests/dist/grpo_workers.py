@@ -51,5 +51,26 @@ def run(out: str, fsdp: bool) -> dict:
     return {"metrics": rows, "weights": weights, "sampled": sampled}
 
 
+def run_dpo(out: str, fsdp: bool) -> dict:
+    """3 DPO steps (full fine-tune: the frozen reference sharded like the policy) with evaluation."""
+    _tests()
+    import test_dpo as d
+
+    from gemmaforge.parallel.dims import ParallelDims
+    from gemmaforge.parallel.process import is_rank0
+    from gemmaforge.train import TrainConfig, Trainer, read_metrics
+    from gemmaforge.train.tasks import DPOTask
+
+    cfg = TrainConfig(out=out, steps=3, lr=3e-3, warmup_steps=1, seq_len=64, batch_tokens=128, micro_batch_rows=1,
+                      eval_every=0, save_every=0, progress=False, dtype="float32", seed=1, eps=1e-4)
+    pairs = d.make_pairs(40)
+    tr = Trainer(cfg, model=d.tiny(0) if is_rank0() else None, tokenizer=d.TOK, train_docs=pairs[:32],
+                 val_docs=pairs[32:36], task=DPOTask(beta=0.1), dims=ParallelDims(dp_shard=2) if fsdp else None,
+                 log=lambda m: None)
+    tr.run()
+    rows = read_metrics(Path(out) / "metrics.jsonl") if is_rank0() else []
+    return {"metrics": rows, "weights": {n: _full(p).detach().clone() for n, p in tr.model.named_parameters()}}
+
+
 def run_fsdp(rank: int, world: int, out: str) -> dict:
-    return run(out, fsdp=True)
+    return {**run(out, fsdp=True), "dpo": run_dpo(out + "-dpo", fsdp=True)}

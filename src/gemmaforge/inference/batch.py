@@ -228,7 +228,7 @@ def _stop_sets(stop_ids, n: int, default: set[int]) -> list[set[int]]:
 def generate_batch_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64,
                        temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                        seed: int | Sequence[int] | None = None, stop_ids=None, on_step=None,
-                       return_stats: bool = False):
+                       return_stats: bool = False, inference_mode: bool = True):
     """New token ids for each prompt (a list of token-id lists), in the prompts' order.
 
     ``stop_ids``: one set for every row, or one set per row; a row ends when it samples one of them
@@ -236,7 +236,10 @@ def generate_batch_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_token
     config's EOS. ``seed``: an int (row ``i`` uses ``row_seed(seed, i)``) or one seed per row.
     ``on_step(rows, tokens)`` is called after each step with the indices (into ``prompt_ids``) of the
     rows that got a new token and those tokens. ``return_stats=True`` returns ``BatchStats``.
-    On CPU the weights are first put in the decode layout (``use_decode_layout``)."""
+    On CPU the weights are first put in the decode layout (``use_decode_layout``). ``inference_mode=False``
+    runs under ``torch.no_grad()`` instead of ``torch.inference_mode()``: for a model that trains next
+    (GRPO rollouts), whose buffers made in the forward (FSDP2's gathered parameters, kept head buffers)
+    must not be inference tensors."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, None if isinstance(seed, (list, tuple)) else seed)
     prompts = [list(map(int, p)) for p in prompt_ids]
     if not prompts:
@@ -251,7 +254,7 @@ def generate_batch_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_token
     gens = _row_generators(seed, len(prompts), model.device)
     stops = _stop_sets(stop_ids, len(prompts), set(_as_list(getattr(cfg, "eos_token_id", None))))
     use_decode_layout(model)
-    with torch.inference_mode():
+    with torch.inference_mode() if inference_mode else torch.no_grad():
         stats = _run(model, prompts, max_new_tokens, temperature, top_k, top_p, gens, stops, on_step)
     return stats if return_stats else stats.ids
 

@@ -110,8 +110,10 @@ def sample_completions(model, prompts: list[list[int]], *, max_new_tokens: int, 
     """The one place rollouts are generated: one completion per prompt (a prompt repeated ``group_size``
     times is a group) by the batched generator (``inference.batch.generate_batch_ids``: every prompt of
     the step in one ragged batch), each row with its own seed; a completion that stopped ends with its
-    stop id (stopping is part of what is trained). The model generates in eval mode; on CPU its weights
-    go back to their training layout afterwards (generation re-strides them column-major)."""
+    stop id (stopping is part of what is trained). The model generates in eval mode under ``no_grad``
+    (not inference mode: FSDP2's gathered parameters and the kept head buffers made in generation's
+    forwards are used again in training); on CPU its weights go back to their training layout
+    afterwards (generation re-strides them column-major)."""
     from ..inference.batch import generate_batch_ids
 
     was = model.training
@@ -119,7 +121,7 @@ def sample_completions(model, prompts: list[list[int]], *, max_new_tokens: int, 
     model.eval()
     try:
         stats = generate_batch_ids(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   seed=list(seeds), stop_ids=stop_ids, return_stats=True)
+                                   seed=list(seeds), stop_ids=stop_ids, return_stats=True, inference_mode=False)
     finally:
         model.train(was)
         with torch.no_grad():
