@@ -341,6 +341,14 @@ def _read_meta(ckpt: Path) -> dict:
     return meta
 
 
+def checkpoint_step(ckpt: str | os.PathLike) -> int:
+    """The step a complete checkpoint was saved at (its ``meta.json``, not its directory name)."""
+    step = _read_meta(Path(ckpt)).get("step")
+    if not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{Path(ckpt) / 'meta.json'}: no valid step ({step!r})")
+    return step
+
+
 _REQUIRED = (".metadata", "scheduler.json", "data_state.pt", "extra.json")  # besides the shards
 
 

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import random
-import re
 import shutil
 import signal
 import sys
@@ -47,7 +46,7 @@ from ..parallel.parallelize import parallelize
 from ..parallel.pp import Pipeline
 from ..parallel.process import get_world_size, init_distributed, is_distributed, is_rank0, rank0_log
 from ..parallel.state import full_state_dict
-from .checkpointer import latest_checkpoint, load_train_state, remove_checkpoints, save_train_state
+from .checkpointer import checkpoint_step, latest_checkpoint, load_train_state, remove_checkpoints, save_train_state
 from .config import SAVE_DTYPES, TrainConfig, absolute_paths, run_dir_of, shard_bytes, write_recipe
 from .data import builtin_corpus
 from .health import clip_grads_, grad_norm_and_finite, locate_in_step
@@ -287,7 +286,8 @@ class Trainer:
             cfg.steps = max(1, math.ceil(cfg.epochs * rows / per))
             self.log(f"--epochs {cfg.epochs:g}: {cfg.steps} steps ({rows} packed rows, {per} per step)")
         else:
-            self.log(f"{cfg.steps} steps of {per} rows: {cfg.steps * per / rows:.2f} epochs of the training rows")
+            unit = getattr(self.task, "unit", "rows")
+            self.log(f"{cfg.steps} steps of {per} {unit}: {cfg.steps * per / rows:.2f} epochs of the training {unit}")
         if rows < per:
             msg = (f"data: {rows} packed row{'s' if rows != 1 else ''} but a step takes {per} (--batch-tokens "
                    f"{cfg.batch_tokens} / --seq-len {cfg.seq_len}): every step repeats rows (each reads the data "
@@ -521,7 +521,10 @@ class Trainer:
             else:
                 ck = p if (p / "meta.json").exists() else latest_checkpoint(p)
                 if ck is not None:
-                    found = ("ok", str(ck))
+                    try:
+                        found = ("ok", (str(ck), checkpoint_step(ck)))
+                    except CheckpointError as e:
+                        found = ("error", str(e))
                 elif (run_dir_of(p) / "final").is_dir() or (run_dir_of(p) / "adapter").is_dir():
                     found = ("error", f"--resume {p}: no checkpoint: the run finished and kept none (--keep-last 0; "
                                       f"--keep-last 1 keeps its last step to continue it); its export can start a "
@@ -531,10 +534,9 @@ class Trainer:
         status, value = _from_rank0(found)
         if status == "error":
             raise CheckpointError(value)
-        ckpt = Path(value)
-        m = re.match(r"step-(\d+)$", ckpt.name)
-        if m and int(m.group(1)) > self.cfg.steps:
-            raise ConfigError(f"--steps {self.cfg.steps}: the checkpoint {ckpt} is at step {int(m.group(1))} "
+        ckpt, saved_at = Path(value[0]), int(value[1])
+        if saved_at > self.cfg.steps:
+            raise ConfigError(f"--steps {self.cfg.steps}: the checkpoint {ckpt} is at step {saved_at} "
                               f"already; give more --steps to continue the run")
         try:
             step, data_state, extra = load_train_state(ckpt, model=self.model, optimizer=self.optimizer,
