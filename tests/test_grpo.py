@@ -254,29 +254,31 @@ def test_grpo_cli_bad_rows_and_rewards_name_the_line(tmp_path, small_dir):
 
 # ----------------------------------------------------------------------------- the real 270M
 
-REAL_PROMPTS = ["The number of legs of a spider is", "The year the war ended was", "The price of the ticket was",
-                "The population of the town is", "The temperature outside was", "The score at half time was"]
+REAL_PROMPTS = ["The year the war ended was", "The price of the ticket was", "My favourite animal is the",
+                "Today I went to the", "The population of the town is", "The score at half time was"]
 
 
-@pytest.mark.slow  # ~10 steps of sampling + updates of the fp32 270M: minutes on 2 shared cores
+@pytest.mark.slow  # sampling + updates of the fp32 270M: ~2 min on 2 idle cores (8 min a step with them shared 8-fold)
 def test_real_270m_grpo_learns_a_verifiable_reward(real_model, tmp_path):
     """The real Gemma 3 270M (LoRA rank 16), reward "the completion holds a digit", which the base model
-    meets in about a third of its samples of these prompts: the mean reward of the last 3 steps clearly
-    exceeds the first 3 steps'; KL and entropy are logged at every step."""
+    meets in some of its samples of these prompts (none for some prompts, most for others): the mean
+    reward of the last 2 of 6 steps clearly exceeds the first 2 steps'; KL and entropy are logged at
+    every step. (An earlier 10-step run with lr 1e-2 and number-prompts went 0.667 -> 1.0 after one
+    update, KL 2.2, entropy 2.71 -> 1.74.)"""
     import copy
 
     model, tok = real_model
     items = [PromptItem(f"real:{i}", {"prompt": p}, p, list(tok.encode(p))) for i, p in enumerate(REAL_PROMPTS)]
-    cfg = TrainConfig(out=str(tmp_path / "run"), steps=10, lr=1e-2, warmup_steps=0, seq_len=32, batch_tokens=64,
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=6, lr=5e-3, warmup_steps=0, seq_len=32, batch_tokens=64,
                       micro_batch_rows=4, eval_every=0, save_every=0, progress=False, dtype="float32", seed=0,
                       lora_rank=16, no_merge=True, schedule="constant", clip=1.0)
-    task = GRPOTask(has_number, group_size=6, max_new_tokens=6, prompts_per_step=2, beta=0.04, temperature=1.0)
+    task = GRPOTask(has_number, group_size=6, max_new_tokens=6, prompts_per_step=3, beta=0.04, temperature=1.0)
     tr = Trainer(cfg, model=copy.deepcopy(model), tokenizer=tok, train_docs=items, task=task, log=print)
     tr.run()
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
-    first = sum(r["reward_mean"] for r in rows[:3]) / 3
-    last = sum(r["reward_mean"] for r in rows[-3:]) / 3
-    print("reward first 3 steps", first, "last 3 steps", last, [round(r["reward_mean"], 3) for r in rows])
+    first = sum(r["reward_mean"] for r in rows[:2]) / 2
+    last = sum(r["reward_mean"] for r in rows[-2:]) / 2
+    print("reward first 2 steps", first, "last 2 steps", last, [round(r["reward_mean"], 3) for r in rows])
     assert all(math.isfinite(r["kl"]) and r["entropy"] > 0 for r in rows)
-    assert last >= first + 0.25, (first, last)
+    assert last >= first + 0.2, (first, last)
     assert (tmp_path / "run" / "reward.png").exists()

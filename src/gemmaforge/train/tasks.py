@@ -39,6 +39,7 @@ def rows_id(rows) -> str:
 class CausalLMTask:
     name = "causal-lm"
     command = "train"  # the CLI command that runs it (resume hints)
+    unit = "rows"  # what items_per_step counts
     needs_reference = False
 
     def load_data(self, trainer, train_docs, val_docs):
@@ -146,6 +147,7 @@ class GRPOTask(CausalLMTask):
 
     name = "grpo"
     command = "grpo"
+    unit = "prompts"
 
     def __init__(self, reward, *, group_size: int = 8, max_new_tokens: int = 128, temperature: float = 1.0,
                  beta: float = 0.04, updates_per_batch: int = 1, prompts_per_step: int = 2, clip_eps: float = 0.2,
