@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=27)
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--only", default=None, choices=["gemmaforge", "transformers"], help="measure one side only")
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.side:
@@ -80,14 +81,22 @@ def main() -> None:
     res: dict[str, list[dict]] = {"gemmaforge": [], "transformers": []}
     for r in range(a.rounds):
         order = ("gemmaforge", "transformers") if r % 2 == 0 else ("transformers", "gemmaforge")
+        order = tuple(x for x in order if a.only in (None, x))
         for side in order:
             cmd = [sys.executable, __file__, "--side", side, "--layers", str(a.layers), "--threads", str(a.threads),
                    "--warmup", str(a.warmup), "--steps", str(a.steps)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            row = json.loads(out)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:  # e.g. killed by the kernel when the shared machine runs out of memory
+                print(f"round {r + 1} {side:12s} FAILED (exit {proc.returncode}): {proc.stderr.strip()[-300:]}",
+                      flush=True)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
             res[side].append(row)
             print(f"round {r + 1} {side:12s} step {row['step_s']:.1f} s  peak RSS {row['peak_rss_gib']:.2f} GiB  "
                   f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    if not all(res.values()):
+        print("a side has no measurement: no ratio")
+        return
     med = {s: (statistics.median(x["step_s"] for x in v), statistics.median(x["peak_rss_gib"] for x in v))
            for s, v in res.items()}
     (gt, gm), (ht, hm) = med["gemmaforge"], med["transformers"]
