@@ -262,9 +262,11 @@ REAL_PROMPTS = ["The year the war ended was", "The price of the ticket was", "My
 def test_real_270m_grpo_learns_a_verifiable_reward(real_model, tmp_path):
     """The real Gemma 3 270M (LoRA rank 16), reward "the completion holds a digit", which the base model
     meets in some of its samples of these prompts (none for some prompts, most for others): the mean
-    reward of the last 2 of 6 steps clearly exceeds the first 2 steps'; KL and entropy are logged at
-    every step. (An earlier 10-step run with lr 1e-2 and number-prompts went 0.667 -> 1.0 after one
-    update, KL 2.2, entropy 2.71 -> 1.74.)"""
+    reward of the last 2 of 6 steps clearly exceeds the first step's (the base policy's samples); KL and
+    entropy are logged at every step. Measured (this machine, shared): step 1 reward 0.278 (entropy 3.04,
+    KL 0), step 2 reward 1.0 (KL 0.305, entropy 1.63; every completion holds a digit, so the advantages
+    vanish). An earlier 10-step run with lr 1e-2 on number prompts went 0.667 -> 1.0 after one update
+    (KL 2.2, entropy 2.71 -> 1.74)."""
     import copy
 
     model, tok = real_model
@@ -276,9 +278,9 @@ def test_real_270m_grpo_learns_a_verifiable_reward(real_model, tmp_path):
     tr = Trainer(cfg, model=copy.deepcopy(model), tokenizer=tok, train_docs=items, task=task, log=print)
     tr.run()
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
-    first = sum(r["reward_mean"] for r in rows[:2]) / 2
+    first = rows[0]["reward_mean"]  # the base policy's samples (before any update)
     last = sum(r["reward_mean"] for r in rows[-2:]) / 2
-    print("reward first 2 steps", first, "last 2 steps", last, [round(r["reward_mean"], 3) for r in rows])
+    print("reward first step", first, "last 2 steps", last, [round(r["reward_mean"], 3) for r in rows])
     assert all(math.isfinite(r["kl"]) and r["entropy"] > 0 for r in rows)
-    assert last >= first + 0.2, (first, last)
+    assert last >= first + 0.3, (first, last)
     assert (tmp_path / "run" / "reward.png").exists()
