@@ -103,6 +103,8 @@ def build(which: str, threads: int, tokens: int, workdir: Path):
     trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(data),
                          processing_class=hft)
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer.train's loop sets before training_step
+    trainer.model.train()
     batch = next(iter(trainer.get_train_dataloader()))
 
     def step():
