@@ -46,7 +46,8 @@ def tiny_model(seed=0):
 def make_trainer(tmp_path, name="run", model=None, **kw):
     docs = corpus()
     base = dict(out=str(tmp_path / name), steps=12, lr=3e-3, warmup_steps=2, seq_len=64, batch_tokens=128, micro_batch_rows=1,
-                eval_every=4, save_every=4, keep_last=3, progress=False, eval_rows=2, seed=1)
+                eval_every=4, save_every=4, keep_last=3, progress=False, eval_rows=2, seed=1,
+                dtype="float32")  # exact comparisons; the bf16 path: test_cpu_bf16.py
     base.update(kw)
     return Trainer(TrainConfig(**base), model=model or tiny_model(), tokenizer=ByteTok(),
                    train_docs=docs[:34], val_docs=docs[34:], log=lambda m: None)
