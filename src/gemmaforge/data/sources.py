@@ -280,15 +280,18 @@ def _text(obj: dict, path: PathLike, line: int, tokenizer: Tokenizer) -> Documen
     return Document(list(tokenizer.encode(text, add_bos=True)) + [tokenizer.eos_id])
 
 
-def read_jsonl(path: PathLike, tokenizer: Tokenizer) -> Iterator[Document]:
-    """Stream the documents of one ``.jsonl`` file (blank lines skipped)."""
+def jsonl_objects(path: PathLike, what: str = "data") -> Iterator[tuple[int, dict]]:
+    """``(line, object)`` for every non-blank line of a JSONL file (a UTF-8 BOM allowed). An unreadable
+    file, a line that is not UTF-8, not JSON or not a JSON object raises one ``DataError`` naming
+    ``file:line``; ``what`` names the data in the message for a directory given as the file."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
         raise _err(path, None, "no such file or directory") from None
+    except IsADirectoryError:
+        raise _err(path, None, f"a directory ({what} is a .jsonl file)") from None
     except OSError as e:
         raise _err(path, None, f"cannot read: {e.strerror or e}") from None
-    n = 0
     with f:
         for line, raw in enumerate(f, 1):
             try:
@@ -305,32 +308,39 @@ def read_jsonl(path: PathLike, tokenizer: Tokenizer) -> Iterator[Document]:
                 raise _err(path, line, f"not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise _err(path, line, f"expected a JSON object, got {_type_name(obj)}")
-            formats = [
-                name
-                for name, present in (
-                    ("messages", "messages" in obj),
-                    ("prompt/completion", "prompt" in obj or "completion" in obj),
-                    ("text", "text" in obj),
-                )
-                if present
-            ]
-            if not formats:
-                keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
-                raise _err(
-                    path,
-                    line,
-                    f'expected "text", "prompt"+"completion" or "messages"; got keys {keys}',
-                )
-            if len(formats) > 1:
-                raise _err(path, line, f"ambiguous line: has fields of several formats ({', '.join(formats)})")
-            if formats[0] == "messages":
-                doc = _chat(obj, path, line, tokenizer)
-            elif formats[0] == "text":
-                doc = _text(obj, path, line, tokenizer)
-            else:
-                doc = _prompt_completion(obj, path, line, tokenizer)
-            n += 1
-            yield doc
+            yield line, obj
+
+
+def read_jsonl(path: PathLike, tokenizer: Tokenizer) -> Iterator[Document]:
+    """Stream the documents of one ``.jsonl`` file (blank lines skipped)."""
+    n = 0
+    for line, obj in jsonl_objects(path):
+        formats = [
+            name
+            for name, present in (
+                ("messages", "messages" in obj),
+                ("prompt/completion", "prompt" in obj or "completion" in obj),
+                ("text", "text" in obj),
+            )
+            if present
+        ]
+        if not formats:
+            keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+            raise _err(
+                path,
+                line,
+                f'expected "text", "prompt"+"completion" or "messages"; got keys {keys}',
+            )
+        if len(formats) > 1:
+            raise _err(path, line, f"ambiguous line: has fields of several formats ({', '.join(formats)})")
+        if formats[0] == "messages":
+            doc = _chat(obj, path, line, tokenizer)
+        elif formats[0] == "text":
+            doc = _text(obj, path, line, tokenizer)
+        else:
+            doc = _prompt_completion(obj, path, line, tokenizer)
+        n += 1
+        yield doc
     if n == 0:
         raise _err(path, 1, "empty file (no JSON lines)")
 

@@ -21,7 +21,6 @@ packed row as two documents (``cu_seqlens``: no attention between them), pairs n
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from ..data.packing import IGNORE_INDEX, PackedRow, collate_rows
 from ..data.sources import END_OF_TURN
+from ..data.sources import jsonl_objects
 from ..errors import DataError
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -121,55 +121,32 @@ def read_preferences(path, tokenizer) -> list[PreferencePair]:
     """Every pair of one JSONL file, tokenized: a plain prompt with BOS, a completion without BOS and with
     EOS (the EOS is trained: ending is part of the answer); a chat completion ends with its
     ``<end_of_turn>``. Bad lines raise one ``DataError`` naming ``file:line`` and the key."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file or directory") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: a directory (preference data is a .jsonl file)") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     pairs = []
-    with f:
-        for line, raw in enumerate(f, 1):
-            where = f"{path}:{line}"
-            try:
-                s = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
-            if line == 1:
-                s = s.removeprefix("\ufeff")
-            if not s.strip():
-                continue
-            try:
-                obj = json.loads(s)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {_type_name(obj)}")
+    for line, obj in jsonl_objects(path, "preference data"):
+        where = f"{path}:{line}"
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in obj:
+                keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+                raise DataError(f'{where}: preference pair lacks "{key}" (a line is {{"prompt", "chosen", '
+                                f'"rejected"}}; got keys {keys})')
+        if isinstance(obj["prompt"], list):
+            pair = _chat_pair(obj, where, tokenizer)
+        else:
             for key in ("prompt", "chosen", "rejected"):
-                if key not in obj:
-                    keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
-                    raise DataError(f'{where}: preference pair lacks "{key}" (a line is {{"prompt", "chosen", '
-                                    f'"rejected"}}; got keys {keys})')
-            if isinstance(obj["prompt"], list):
-                pair = _chat_pair(obj, where, tokenizer)
-            else:
-                for key in ("prompt", "chosen", "rejected"):
-                    if not isinstance(obj[key], str):
-                        raise DataError(f'{where}: "{key}" must be a string (or, in the chat form, "prompt" a list '
-                                        f"of messages), got {_type_name(obj[key])}")
-                if not obj["chosen"] or not obj["rejected"]:
-                    raise DataError(f'{where}: "{"chosen" if not obj["chosen"] else "rejected"}" is empty')
-                pair = PreferencePair(list(tokenizer.encode(obj["prompt"], add_bos=True)),
-                                      list(tokenizer.encode(obj["chosen"], add_bos=False)) + [tokenizer.eos_id],
-                                      list(tokenizer.encode(obj["rejected"], add_bos=False)) + [tokenizer.eos_id],
-                                      where)
-            if pair.chosen == pair.rejected:
-                raise DataError(f'{where}: "chosen" and "rejected" are identical (nothing to prefer)')
-            if not pair.prompt:
-                pair.prompt = [tokenizer.bos_id]
-            pairs.append(pair)
+                if not isinstance(obj[key], str):
+                    raise DataError(f'{where}: "{key}" must be a string (or, in the chat form, "prompt" a list '
+                                    f"of messages), got {_type_name(obj[key])}")
+            if not obj["chosen"] or not obj["rejected"]:
+                raise DataError(f'{where}: "{"chosen" if not obj["chosen"] else "rejected"}" is empty')
+            pair = PreferencePair(list(tokenizer.encode(obj["prompt"], add_bos=True)),
+                                  list(tokenizer.encode(obj["chosen"], add_bos=False)) + [tokenizer.eos_id],
+                                  list(tokenizer.encode(obj["rejected"], add_bos=False)) + [tokenizer.eos_id],
+                                  where)
+        if pair.chosen == pair.rejected:
+            raise DataError(f'{where}: "chosen" and "rejected" are identical (nothing to prefer)')
+        if not pair.prompt:
+            pair.prompt = [tokenizer.bos_id]
+        pairs.append(pair)
     if not pairs:
         raise DataError(f"{path}:1: empty file (no JSON lines)")
     return pairs

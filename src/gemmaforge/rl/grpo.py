@@ -12,12 +12,12 @@ padding as its own segment), with the rollout's advantage on each of its complet
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import torch
 
 from ..data.packing import IGNORE_INDEX, PackedRow, collate_rows
+from ..data.sources import jsonl_objects
 from ..errors import DataError
 from .score import pack_rollouts
 
@@ -34,43 +34,22 @@ def read_prompts(path, tokenizer) -> list[PromptItem]:
     """Every prompt of one JSONL file; bad lines raise one ``DataError`` naming ``file:line``."""
     from ..data.sources import _check_messages  # the one validation of a conversation
 
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file or directory") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     items = []
-    with f:
-        for line, raw in enumerate(f, 1):
-            where = f"{path}:{line}"
-            try:
-                s = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
-            if line == 1:
-                s = s.removeprefix("\ufeff")
-            if not s.strip():
-                continue
-            try:
-                obj = json.loads(s)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            if "prompt" not in obj:
-                keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
-                raise DataError(f'{where}: line lacks "prompt" (got keys {keys})')
-            p = obj["prompt"]
-            if isinstance(p, list):
-                msgs = _check_messages({"messages": p + [{"role": "model", "content": "x"}]}, path, line)[:-1]
-                text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
-            elif isinstance(p, str):
-                text = p
-            else:
-                raise DataError(f'{where}: "prompt" must be a string or a list of messages, got {type(p).__name__}')
-            ids = list(tokenizer.encode(text, add_bos=True)) or [tokenizer.bos_id]
-            items.append(PromptItem(where, obj, text, ids))
+    for line, obj in jsonl_objects(path, "prompt data"):
+        where = f"{path}:{line}"
+        if "prompt" not in obj:
+            keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+            raise DataError(f'{where}: line lacks "prompt" (got keys {keys})')
+        p = obj["prompt"]
+        if isinstance(p, list):
+            msgs = _check_messages({"messages": p + [{"role": "model", "content": "x"}]}, path, line)[:-1]
+            text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+        elif isinstance(p, str):
+            text = p
+        else:
+            raise DataError(f'{where}: "prompt" must be a string or a list of messages, got {type(p).__name__}')
+        ids = list(tokenizer.encode(text, add_bos=True)) or [tokenizer.bos_id]
+        items.append(PromptItem(where, obj, text, ids))
     if not items:
         raise DataError(f"{path}:1: empty file (no JSON lines)")
     return items

@@ -3,8 +3,8 @@ line by line (one ``DataError`` naming ``file:line``) and encoded to token ids."
 
 from __future__ import annotations
 
-import json
 
+from ..data.sources import jsonl_objects
 from ..errors import DataError
 
 
@@ -18,52 +18,31 @@ def parse_rollouts(path) -> list[tuple[str, dict]]:
     Every problem raises a one-line ``DataError`` naming ``file:line``. Needs no model, so a bad
     file fails before the model is loaded.
     """
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file or directory") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     records = []
-    with f:
-        for line, raw in enumerate(f, 1):
-            where = f"{path}:{line}"
-            try:
-                s = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
-            if line == 1:
-                s = s.removeprefix("\ufeff")
-            if not s.strip():
-                continue
-            try:
-                obj = json.loads(s)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {_type_name(obj)}")
-            text = "prompt" in obj or "completion" in obj
-            ids = "prompt_ids" in obj or "completion_ids" in obj
-            if text and ids:
-                raise DataError(f'{where}: ambiguous line: has both "prompt"/"completion" and '
-                                f'"prompt_ids"/"completion_ids"')
-            if not (text or ids):
-                keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
-                raise DataError(f'{where}: expected "prompt"+"completion" or "prompt_ids"+"completion_ids"; '
-                                f"got keys {keys}")
-            for key in ("prompt", "completion") if text else ("prompt_ids", "completion_ids"):
-                if key not in obj:
-                    raise DataError(f'{where}: line lacks "{key}"')
-                v = obj[key]
-                if text and not isinstance(v, str):
-                    raise DataError(f'{where}: "{key}" must be a string, got {_type_name(v)}')
-                if not text and (not isinstance(v, list)
-                                 or not all(isinstance(t, int) and not isinstance(t, bool) for t in v)):
-                    raise DataError(f'{where}: "{key}" must be a list of integers, got {_type_name(v)}')
-            if ids and not obj["prompt_ids"]:
-                raise DataError(f'{where}: "prompt_ids" is empty (the first completion token needs a context; '
-                                f"start with BOS)")
-            records.append((where, obj))
+    for line, obj in jsonl_objects(path, "rollout data"):
+        where = f"{path}:{line}"
+        text = "prompt" in obj or "completion" in obj
+        ids = "prompt_ids" in obj or "completion_ids" in obj
+        if text and ids:
+            raise DataError(f'{where}: ambiguous line: has both "prompt"/"completion" and '
+                            f'"prompt_ids"/"completion_ids"')
+        if not (text or ids):
+            keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+            raise DataError(f'{where}: expected "prompt"+"completion" or "prompt_ids"+"completion_ids"; '
+                            f"got keys {keys}")
+        for key in ("prompt", "completion") if text else ("prompt_ids", "completion_ids"):
+            if key not in obj:
+                raise DataError(f'{where}: line lacks "{key}"')
+            v = obj[key]
+            if text and not isinstance(v, str):
+                raise DataError(f'{where}: "{key}" must be a string, got {_type_name(v)}')
+            if not text and (not isinstance(v, list)
+                             or not all(isinstance(t, int) and not isinstance(t, bool) for t in v)):
+                raise DataError(f'{where}: "{key}" must be a list of integers, got {_type_name(v)}')
+        if ids and not obj["prompt_ids"]:
+            raise DataError(f'{where}: "prompt_ids" is empty (the first completion token needs a context; '
+                            f"start with BOS)")
+        records.append((where, obj))
     if not records:
         raise DataError(f"{path}:1: empty file (no JSON lines)")
     return records
