@@ -250,3 +250,17 @@ def test_incompatible_fingerprint_names_dir_and_first_differing_key(tmp_path):
         load_train_state(ck, model=other, expect_extra=None)
     # the matching fingerprint (tuples vs lists, key order) loads
     load_train_state(ck, model=m, optimizer=opt, scheduler=sched, expect_extra=_fingerprint(m))
+
+
+def test_an_incompatible_checkpoint_names_the_setting_before_what_derives_from_it(tmp_path):
+    """A changed --seq-len also changes the packed data's digest: the setting (the cause) is named."""
+    from gemmaforge.errors import CheckpointError
+    from gemmaforge.train.checkpointer import check_extra
+
+    saved = {"seq_len": 32, "seed": 1, "data": "69 rows, sha256 aaaa"}
+    want = {"seq_len": 16, "seed": 1, "data": "129 rows, sha256 bbbb"}
+    with pytest.raises(CheckpointError, match=r"incompatible checkpoint: seq_len \(checkpoint 32, expected 16\)$"):
+        check_extra(tmp_path, saved, want)
+    with pytest.raises(CheckpointError, match=r"incompatible checkpoint: data \(checkpoint"):
+        check_extra(tmp_path, saved, {**want, "seq_len": 32})
+    check_extra(tmp_path, {**saved, "bookkeeping": 1}, saved)  # extra keys of the checkpoint are not compared

@@ -443,10 +443,12 @@ def _first_difference(ckpt, want, path: str = "") -> str | None:
 def check_extra(ckpt_dir: str | os.PathLike, extra: dict, expect_extra: dict) -> None:
     """Raise CheckpointError naming the first key of ``expect_extra`` whose value differs.
 
-    Only the top-level keys of ``expect_extra`` are compared (the checkpoint's ``extra`` may hold
-    more, e.g. bookkeeping); below them, values must be equal in full.
+    Only the top-level keys of ``expect_extra`` are compared, in its order (the caller lists settings
+    before what derives from them, so a changed ``--seq-len`` is named rather than the data digest it
+    changes; the checkpoint's ``extra`` may hold more, e.g. bookkeeping); below them, values must be
+    equal in full.
     """
-    want = _json_normal(expect_extra)
+    want = {k: _json_normal(v) for k, v in expect_extra.items()}
     got = {k: extra[k] for k in want if k in extra}
     d = _first_difference(got, want)
     if d:

@@ -381,12 +381,14 @@ class Trainer:
         c = self.cfg
         fp = {"model_config": json.loads(json.dumps(self.model.config.to_hf(), default=str)),
               "seq_len": c.seq_len, "batch_tokens": c.batch_tokens, "micro_batch_rows": c.micro_batch_rows,
-              "lora_rank": c.lora_rank, "seed": c.seed, "data": self.data_id}
+              "lora_rank": c.lora_rank, "seed": c.seed}
         for k in _FIXED:
             fp[k] = getattr(c, k)
+        fp.update(self.task.fingerprint())
+        # last: what derives from the settings above (compared in this order, the cause is named first)
+        fp["data"] = self.data_id
         if self.base_id is not None:
             fp["base_model"] = self.base_id
-        fp.update(self.task.fingerprint())
         return fp
 
     # ---- the step ----
