@@ -12,8 +12,8 @@ import gemmaforge
 from gemmaforge.errors import InputError
 from gemmaforge.formats.hf import save_hf
 
-transformers = pytest.importorskip("transformers")
-Image = pytest.importorskip("PIL.Image")
+import transformers  # noqa: E402  (the dev extra; pillow is a dependency)
+from PIL import Image  # noqa: E402
 
 SIZES = [(224, 224), (300, 200), (97, 410), (640, 480), (33, 35)]  # (width, height)
 

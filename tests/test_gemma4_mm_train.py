@@ -199,7 +199,7 @@ def test_generate_with_image_equals_full_recompute_and_chat_hears(setup, tmp_pat
 
 
 def test_lora_on_both_towers_loads_in_peft_with_identical_logits(setup, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft  # the dev extra
     import transformers
     from _gemma4_mm import patches, prompt
 

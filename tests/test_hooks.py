@@ -1,6 +1,5 @@
 """Hook points (transforms/hooks.py): values against transformers, RoPE, replacement, ablation, masks, errors."""
 
-import os
 
 import pytest
 import torch
@@ -297,12 +296,8 @@ def test_rot_q_k_real_270m(real):
 # written next to the comparison (and in models/common/hooks.py).
 
 def _transformer_bridge_class():
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError:
-        if os.environ.get("CI"):  # the dev extra installs it: in CI a missing TransformerLens fails, never skips
-            raise
-        pytest.skip("transformer_lens is not installed (the dev extra pins it: pip install -e '.[dev]')")
+    from transformer_lens.model_bridge import TransformerBridge  # the dev extra pins it: missing fails
+
     return TransformerBridge
 
 
