@@ -12,6 +12,7 @@ the thumbnail; the prompt then names the crops (``Gemma3ImageHandler.expansion``
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -26,45 +27,42 @@ from ..errors import InputError
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL codes in preprocessor_config.json
 
 
+@contextlib.contextmanager
+def _reading(p: Path):
+    """PIL's errors while reading ``p`` as one ``InputError`` line naming the path."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        yield p
+    except FileNotFoundError:
+        raise InputError(f"{p}: image file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{p}: is a directory, not an image") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{p}: not a readable image (unknown format)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"{p}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
 def open_image(source):
     """A PIL image (RGB) from a path or a PIL image; ``InputError`` naming the path if it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     if isinstance(source, torch.Tensor):
         return source
-    p = Path(source)
-    try:
-        with Image.open(p) as im:
-            im.load()
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"{p}: image file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{p}: is a directory, not an image") from None
-    except UnidentifiedImageError:
-        raise InputError(f"{p}: not a readable image (unknown format)") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"{p}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    with _reading(Path(source)) as p, Image.open(p) as im:
+        im.load()
+        return im.convert("RGB")
 
 
 def check_image(path: str | os.PathLike) -> None:
     """Cheap check that ``path`` is an image PIL can read (header and structure, no decode)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    p = Path(path)
-    try:
-        with Image.open(p) as im:
-            im.verify()
-    except FileNotFoundError:
-        raise InputError(f"{p}: image file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{p}: is a directory, not an image") from None
-    except UnidentifiedImageError:
-        raise InputError(f"{p}: not a readable image (unknown format)") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"{p}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    with _reading(Path(path)) as p, Image.open(p) as im:
+        im.verify()
 
 
 def to_uint8_chw(image) -> torch.Tensor:
