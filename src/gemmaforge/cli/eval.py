@@ -56,14 +56,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- checks
 
 
-def _autocast(dtype: str, device):
-    """``--dtype`` -> the autocast dtype around the forward (weights stay fp32), the rule train's
-    steps and validation use (``cpu_policy.training_dtype``)."""
-    from ..cpu_policy import training_dtype
-
-    return training_dtype(dtype, device)
-
-
 def _check_flags(a) -> None:
     from ..errors import InputError
 
@@ -122,7 +114,9 @@ def cmd_eval(a) -> int:
 
     _check_flags(a)  # bad flags fail before anything loads
     device = torch.device(check_device(a.device))
-    autocast = _autocast(a.dtype, device)
+    from ..cpu_policy import training_dtype
+
+    autocast = training_dtype(a.dtype, device)  # train's rule: weights stay fp32, the forward autocasts
 
     from ..api import from_pretrained, load_processor, load_tokenizer
     from ..data import load_documents

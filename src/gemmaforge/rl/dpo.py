@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.packing import IGNORE_INDEX, PackedRow, collate_rows
-from ..data.sources import END_OF_TURN
-from ..data.sources import jsonl_objects
+from ..data.sources import END_OF_TURN, _type_name, jsonl_objects
 from ..errors import DataError
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -66,9 +65,6 @@ class PreferencePair:
     def num_tokens(self) -> int:
         return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
 
-
-def _type_name(x) -> str:
-    return "null" if x is None else type(x).__name__
 
 
 def _assistant_text(v, key: str, where: str) -> str:

@@ -4,12 +4,9 @@ line by line (one ``DataError`` naming ``file:line``) and encoded to token ids."
 from __future__ import annotations
 
 
-from ..data.sources import jsonl_objects
+from ..data.sources import _type_name, jsonl_objects
 from ..errors import DataError
 
-
-def _type_name(x) -> str:
-    return "null" if x is None else type(x).__name__
 
 
 def parse_rollouts(path) -> list[tuple[str, dict]]:
