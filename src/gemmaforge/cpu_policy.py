@@ -17,7 +17,10 @@ a decoder layer:
   gradient out of place.
 * ``ReturnFreedMemory``: glibc ``malloc_trim`` at a few points of the step (after a block's forward,
   at a block's backward when the heap grew), so freed activations do not set the resident peak.
-* ``use_decode_layout``: weights stored column-major for matrix-vector decoding.
+* ``for_decoding``: what generation runs over. Where oneDNN's packed products pay
+  (``ops.packed_linear.packing_pays``), the plain linear layers become ``PackedLinear`` and the head
+  ``CPUHead``, whose products inside ``packed_decoding()`` go over packed copies of their weights;
+  elsewhere ``use_decode_layout``: weights stored column-major for matrix-vector decoding.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import nn
 from .layers.embedding import ScaledEmbedding
 from .layers.head import LMHead
 from .models.common.decoder import decoder_layers
+from .ops import packed_linear
 from .ops.head_loss import _cpu_lowp, chunked_cross_entropy
 
 
@@ -294,8 +298,18 @@ class CPUHead(LMHead):
     buffers: Optional[HeadGradBuffer] = None
     trim = None
 
+    def _packed(self) -> packed_linear.PackedWeight:
+        """This head's packed weight for decoding (made on first use)."""
+        if "packed" not in self.__dict__:
+            self.packed = packed_linear.PackedWeight()
+        return self.packed
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        z = head_product(hidden, self.matrix())
+        w = self.matrix()
+        if packed_linear.decoding() and packed_linear.applies(hidden, w):
+            z = packed_linear.linear(hidden, w, None, self._packed())
+        else:
+            z = head_product(hidden, w)
         if self.softcap is not None:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
@@ -369,6 +383,56 @@ def _embedding_as(cls: type, emb: ScaledEmbedding) -> ScaledEmbedding:
 
 
 # ----------------------------------------------------------------------------------- decoding
+
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` over the same parameters (same names) whose products inside
+    ``packed_decoding()`` go over a packed copy of its weight (``ops.packed_linear``); exactly
+    ``nn.Linear`` everywhere else (training, scoring, other dtypes, distributed weights)."""
+
+    @classmethod
+    def sharing(cls, lin: nn.Linear) -> "PackedLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = lin.in_features, lin.out_features
+        new.weight = lin.weight
+        new.bias = lin.bias
+        new.training = lin.training
+        new.packed = packed_linear.PackedWeight()
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear.linear(x, self.weight, self.bias, self.packed)
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def use_packed_linears(model: nn.Module) -> int:
+    """Swap each plain CPU ``nn.Linear`` of ``model`` (no module hooks, a plain tensor weight) for a
+    ``PackedLinear`` over the same parameters, and the head for ``CPUHead``. Idempotent; returns how
+    many linear modules were swapped."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is nn.Linear and child.weight.device.type == "cpu" and _plain(child.weight)
+             and not _hooked(child)]
+    for parent, name, child in swaps:
+        setattr(parent, name, PackedLinear.sharing(child))
+    for_inference(model)
+    return len(swaps)
+
+
+def for_decoding(model: nn.Module) -> str:
+    """Prepare ``model`` for generation on CPU: packed products where they pay (``use_packed_linears``;
+    the loop then runs inside ``packed_decoding()``), else the column-major decode layout. Returns
+    which: ``"packed"``, ``"column-major"``, or ``"none"`` off CPU."""
+    if model.device.type != "cpu":
+        return "none"
+    if packed_linear.packing_pays():
+        use_packed_linears(model)
+        return "packed"
+    use_decode_layout(model)
+    return "column-major"
+
 
 def use_decode_layout(model: torch.nn.Module) -> int:
     """Store every 2-D weight read by ``F.linear`` column-major (``[out, in]`` shape, ``[in, out]`` memory).

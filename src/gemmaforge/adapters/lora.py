@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..ops import packed_linear
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -67,14 +68,15 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.adapter_enabled = True  # False: the base weight alone (``adapters_disabled``: a DPO/GRPO reference)
+        self.packed = packed_linear.PackedWeight()  # the frozen base weight's packed copy while decoding on CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapter_enabled:
             if self.merged:
                 raise RuntimeError("a merged LoRA module cannot run with its adapter disabled (unmerge it first)")
-            return F.linear(x, self.weight, self.bias)
+            return packed_linear.linear(x, self.weight, self.bias, self.packed)
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return packed_linear.linear(x, self.weight, self.bias, self.packed)
         b = self.lora_B.weight
         if x.dtype != self.weight.dtype or b.dtype != self.weight.dtype or self.lora_B.bias is not None \
                 or torch.is_autocast_enabled(x.device.type):
@@ -83,7 +85,7 @@ class LoraLinear(nn.Module):
         # y += scaling * (A x) B^T as one in-place addmm on the 2-D base output (not a view, and not
         # saved for backward): no [tokens, out] temporaries for the adapter's product, scaling and sum
         x2 = x.reshape(-1, x.shape[-1])
-        y = F.linear(x2, self.weight, self.bias)
+        y = packed_linear.linear(x2, self.weight, self.bias, self.packed)
         y.addmm_(self.lora_A(self.dropout(x2)), b.t(), alpha=self.scaling)
         return y.view(*x.shape[:-1], y.shape[-1])
 

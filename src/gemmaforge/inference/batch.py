@@ -33,7 +33,8 @@ from typing import Sequence
 
 import torch
 
-from ..cpu_policy import use_decode_layout
+from ..cpu_policy import for_decoding
+from ..ops.packed_linear import packed_decoding
 from ..errors import InputError
 from .generate import check_sampling, sample_next, stop_ids_of
 
@@ -236,7 +237,7 @@ def generate_batch_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_token
     config's EOS. ``seed``: an int (row ``i`` uses ``row_seed(seed, i)``) or one seed per row.
     ``on_step(rows, tokens)`` is called after each step with the indices (into ``prompt_ids``) of the
     rows that got a new token and those tokens. ``return_stats=True`` returns ``BatchStats``.
-    On CPU the weights are first put in the decode layout (``use_decode_layout``). ``inference_mode=False``
+    On CPU the model is first prepared for decoding (``cpu_policy.for_decoding``). ``inference_mode=False``
     runs under ``torch.no_grad()`` instead of ``torch.inference_mode()``: for a model that trains next
     (GRPO rollouts), whose buffers made in the forward (FSDP2's gathered parameters, kept head buffers)
     must not be inference tensors."""
@@ -253,8 +254,8 @@ def generate_batch_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_token
                              f"({cfg.max_position_embeddings})")
     gens = _row_generators(seed, len(prompts), model.device)
     stops = _stop_sets(stop_ids, len(prompts), set(_as_list(getattr(cfg, "eos_token_id", None))))
-    use_decode_layout(model)
-    with torch.inference_mode() if inference_mode else torch.no_grad():
+    for_decoding(model)
+    with torch.inference_mode() if inference_mode else torch.no_grad(), packed_decoding():
         stats = _run(model, prompts, max_new_tokens, temperature, top_k, top_p, gens, stops, on_step)
     return stats if return_stats else stats.ids
 

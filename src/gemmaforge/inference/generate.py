@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cpu_policy import use_decode_layout
+from ..cpu_policy import for_decoding
+from ..ops.packed_linear import packed_decoding
 from ..errors import InputError
 
 
@@ -92,11 +93,11 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 64, tempera
     """Token-level generation for one prompt. ``on_token(id)`` is called for each new token.
     ``media``: the prompt's media inputs (``pixel_values``...: a processor's), read by the prefill.
 
-    On CPU the model's weights are first put in the decode layout (``use_decode_layout``).
+    On CPU the model is first prepared for decoding (``cpu_policy.for_decoding``).
     Nonsensical sampling settings raise ``InputError`` (``check_sampling``)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
-    use_decode_layout(model)
-    with torch.inference_mode():
+    for_decoding(model)
+    with torch.inference_mode(), packed_decoding():
         return _generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
                              on_token, media)
 

@@ -37,12 +37,12 @@ class GatedMLP(nn.Module):
         self.gelu_approximate = GELU_APPROXIMATE.get(activation)  # None: not a GELU (autograd path)
 
     def _plain_down(self) -> bool:
-        """A plain bias-free ``nn.Linear`` down projection with a plain weight (not a LoRA wrapper or a
+        """A plain bias-free ``nn.Linear`` (or subclass: ``cpu_policy.PackedLinear``) down projection with a plain weight (not a LoRA wrapper or a
         tensor-parallel DTensor) that no module hook watches: ``GatedDown`` may take it. It does not
         call the module, so a hook (a user's, or the health check's per-module probes) would not run;
         then the module is called."""
         d = self.down_proj
-        return (type(d) is nn.Linear and d.bias is None and type(d.weight.data) is torch.Tensor
+        return (isinstance(d, nn.Linear) and d.bias is None and type(d.weight.data) is torch.Tensor
                 and not _module_hooked(d))
 
     def forward(self, x: torch.Tensor, hook=None) -> torch.Tensor:

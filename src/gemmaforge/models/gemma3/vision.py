@@ -89,7 +89,7 @@ class SiglipMLP(nn.Module):
 
     def _plain_fc2(self) -> bool:
         f = self.fc2
-        return type(f) is nn.Linear and type(f.weight.data) is torch.Tensor and not _module_hooked(f)
+        return isinstance(f, nn.Linear) and type(f.weight.data) is torch.Tensor and not _module_hooked(f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.fc1(x))
