@@ -12,8 +12,9 @@ step by step (one steps while the other waits idle): one warm-up step each, then
 timed steps per side and the median ratio of back-to-back pairs.
 
 * gemmaforge: ``Trainer.train_step`` with ``DPOTask`` (the pairs packed: chosen and rejected of a pair as two
-  documents of one row of 2 x ``--tokens``, 4 rows in one micro-batch; reference log-probs from the frozen copy
-  without gradient; the fused DPO objective through the chunked LM head; health check, clipping, AdamW).
+  documents of one row of 2 x ``--tokens``, 4 rows in one micro-batch; reference log-probs precomputed once
+  before step 1 and the frozen copy freed, gemmaforge's default, the time printed; ``--reference live``: from
+  the frozen copy without gradient in every step; the fused DPO objective through the chunked LM head; health check, clipping, AdamW).
 * TRL: ``DPOTrainer.training_step`` (its collator's padded [chosen; rejected] batch, reference forward
   inside the loss, backward) + its optimizer's step (``per_device_train_batch_size=4``, ``max_length``
   ``--tokens``, no gradient checkpointing, ``use_cpu``).
@@ -59,7 +60,7 @@ def pairs_text(tokenizer, n: int, tokens: int) -> list[dict]:
     raise RuntimeError("not enough long topics")
 
 
-def build(which: str, threads: int, tokens: int, workdir: Path):
+def build(which: str, threads: int, tokens: int, workdir: Path, reference: str = "precompute"):
     import torch
 
     torch.set_num_threads(threads)
@@ -78,8 +79,12 @@ def build(which: str, threads: int, tokens: int, workdir: Path):
         cfg = TrainConfig(out=str(workdir / "gf"), steps=100, lr=1e-6, warmup_steps=0, seq_len=2 * tokens,
                           batch_tokens=8 * tokens, micro_batch_rows=4, eval_every=0, save_every=0,
                           progress=False, dtype="float32", schedule="constant")
+        t0 = time.perf_counter()
         tr = Trainer(cfg, model=gemmaforge.from_pretrained("gemma-3-270m"), tokenizer=tok, train_docs=pairs,
-                     val_docs=[], task=DPOTask(beta=0.1), log=lambda m: None)
+                     val_docs=[], task=DPOTask(beta=0.1, reference=reference),
+                     log=lambda m: m.startswith("reference:") and print(m, file=sys.stderr, flush=True))
+        print(f"gemmaforge: model, reference ({reference}) and trainer ready in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr, flush=True)
         assert len(tr.train_rows) == 4, len(tr.train_rows)
 
         def step():
@@ -116,8 +121,8 @@ def build(which: str, threads: int, tokens: int, workdir: Path):
     return step
 
 
-def worker(which: str, threads: int, tokens: int, workdir: str) -> None:
-    step = build(which, threads, tokens, Path(workdir))
+def worker(which: str, threads: int, tokens: int, workdir: str, reference: str) -> None:
+    step = build(which, threads, tokens, Path(workdir), reference)
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "step":
@@ -136,9 +141,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--worker", default=None)
     ap.add_argument("--workdir", default="/tmp/gf-bench-dpo")
+    ap.add_argument("--reference", default="precompute", choices=["precompute", "live"],
+                    help="gemmaforge's DPO reference: precomputed once before step 1 (the frozen copy then freed; "
+                         "the default) or a live frozen copy scoring each batch")
     a = ap.parse_args()
     if a.worker:
-        return worker(a.worker, a.threads, a.tokens, a.workdir)
+        return worker(a.worker, a.threads, a.tokens, a.workdir, a.reference)
     import torch
 
     Path(a.workdir).mkdir(parents=True, exist_ok=True)
@@ -146,7 +154,7 @@ def main() -> None:
     procs = {}
     for s in sides:  # one at a time: the TRL side reads the HF dir the first writes
         p = subprocess.Popen([sys.executable, __file__, "--worker", s, "--threads", str(a.threads), "--tokens",
-                              str(a.tokens), "--workdir", a.workdir], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              str(a.tokens), "--workdir", a.workdir, "--reference", a.reference], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              text=True, cwd=REPO)
         assert p.stdout.readline().strip() == "ready", s
         procs[s] = p
@@ -169,7 +177,7 @@ def main() -> None:
     med = {s: statistics.median(r["s"] for r in res[s]) for s in sides}
     rss = {s: max(r["rss_gib"] for r in res[s]) for s in sides}
     ratios = [b["s"] / a_["s"] for a_, b in zip(res["gemmaforge"], res["trl"])]
-    print(json.dumps({"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(), "threads": a.threads,
+    print(json.dumps({"reference": a.reference, "cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(), "threads": a.threads,
                       "step_s": med, "speedup_median_of_pairs": statistics.median(ratios),
                       "peak_rss_gib": rss, "memory_ratio": rss["gemmaforge"] / rss["trl"],
                       "loss_first": {s: res[s][0]["loss"] for s in sides}}, indent=1))

@@ -155,7 +155,7 @@ def test_disabled_adapter_reference_equals_a_frozen_copy():
         assert not any(m.adapter_enabled for n, m in base.named_modules() if hasattr(m, "adapter_enabled"))
 
 
-def dpo_trainer(tmp_path, name="run", model=None, pairs=None, log=None, **kw):
+def dpo_trainer(tmp_path, name="run", model=None, pairs=None, log=None, reference="precompute", **kw):
     from gemmaforge.train.tasks import DPOTask
 
     pairs = pairs or make_pairs(40)
@@ -164,7 +164,7 @@ def dpo_trainer(tmp_path, name="run", model=None, pairs=None, log=None, **kw):
                 log_every=1)
     base.update(kw)
     return Trainer(TrainConfig(**base), model=model or tiny(0), tokenizer=TOK, train_docs=pairs[:32],
-                   val_docs=pairs[32:], task=DPOTask(beta=0.1), log=log or (lambda m: None))
+                   val_docs=pairs[32:], task=DPOTask(beta=0.1, reference=reference), log=log or (lambda m: None))
 
 
 def test_dpo_trainer_logs_rewards_and_resumes_exactly_after_sigterm(tmp_path):
@@ -211,7 +211,7 @@ def test_dpo_trainer_logs_rewards_and_resumes_exactly_after_sigterm(tmp_path):
 def test_dpo_full_fine_tune_with_activation_checkpointing_uses_a_frozen_reference(tmp_path):
     """Without LoRA the reference is a frozen copy (no gradient, unchanged by the steps); with activation
     checkpointing the first step's loss and gradients equal the run without it."""
-    a = dpo_trainer(tmp_path, "a", steps=2)
+    a = dpo_trainer(tmp_path, "a", steps=2, reference="live")
     b = dpo_trainer(tmp_path, "b", steps=2, activation_checkpointing=True)
     assert a.ref_model is not None and not any(p.requires_grad for p in a.ref_model.parameters())
     before = {n: p.clone() for n, p in a.ref_model.named_parameters()}
@@ -229,6 +229,51 @@ def test_dpo_full_fine_tune_with_activation_checkpointing_uses_a_frozen_referenc
     a.run()
     for n, p in a.ref_model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_dpo_precomputed_reference_equals_the_live_copy_frees_it_and_resumes(tmp_path):
+    """The default full fine-tune precomputes the reference's log-probs and frees the frozen copy: the
+    losses, rewards (training and held-out) and weights equal the run whose copy scores each batch; a run
+    stopped after step 2 and resumed (the log-probs computed again from the base) gives the same losses."""
+    import gc
+
+    live = dpo_trainer(tmp_path, "live", reference="live")
+    assert live.ref_model is not None
+    pre = dpo_trainer(tmp_path, "pre")
+    assert pre.ref_model is None
+    runs = [tr.run() for tr in (live, pre)]
+    rows = [[r for r in read_metrics(tmp_path / n / "metrics.jsonl") if "loss" in r] for n in ("live", "pre")]
+    assert len(rows[0]) == len(rows[1]) == 6
+    for a, b in zip(*rows):
+        for k in ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"):
+            assert abs(a[k] - b[k]) <= 1e-5, (k, a, b)
+    for k, v in runs[0]["val_after"].items():
+        assert abs(v - runs[1]["val_after"][k]) <= 1e-5, k
+    for (n, p), q in zip(live.model.named_parameters(), pre.model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=n)
+
+    def log(msg):
+        if msg.startswith("step 2/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    part = dpo_trainer(tmp_path, "part", log=log)
+    assert part.run()["interrupted"] and part.step == 2
+    resumed = dpo_trainer(tmp_path, "part-b", out=str(tmp_path / "part"), resume=str(tmp_path / "part"))
+    assert resumed.step == 2 and resumed.ref_model is None
+    resumed.run()
+    lb = [r["loss"] for r in read_metrics(tmp_path / "part" / "metrics.jsonl") if "loss" in r]
+    assert len(lb) == 6 and max(abs(r["loss"] - y) for r, y in zip(rows[1], lb)) <= 1e-6, lb
+    # nothing keeps the freed copy alive: the trainer adds no model object to those that exist
+    def models():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.nn.Module) and type(o) is type(part.model))
+
+    m = tiny(0)
+    before = models()
+    tr = dpo_trainer(tmp_path, "freed", model=m, steps=1)
+    assert tr.ref_model is None and models() == before
+    tr_live = dpo_trainer(tmp_path, "kept", model=tiny(0), steps=1, reference="live")
+    assert models() == before + 2 and tr_live.ref_model is not None  # the check can fail: the live copy counts
 
 
 # ----------------------------------------------------------------------------- CLI: bad input

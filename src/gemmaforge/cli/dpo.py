@@ -21,6 +21,10 @@ def register(sub) -> None:
     t.add_argument("--beta", type=float, default=None, help="strength of the pull to the reference (default 0.1)")
     t.add_argument("--loss", default=None, choices=["sigmoid", "ipo"],
                    help="sigmoid: DPO (default); ipo: IPO on per-token averaged log-probs")
+    t.add_argument("--reference", default=None, choices=["precompute", "live"],
+                   help="precompute (default): a full fine-tune's reference log-probs of every row once before "
+                        "step 1, then the frozen copy is freed (one model in memory, not two); live: the copy "
+                        "scores each batch. With LoRA the reference is the policy with its adapters disabled")
     t.set_defaults(func=cmd_dpo)
 
 
@@ -46,7 +50,7 @@ def cmd_dpo(a) -> int:
     from ..train.tasks import DPOTask
 
     def task():
-        s = task_settings(a, {"beta": 0.1, "loss_type": "sigmoid"})
-        return DPOTask(beta=s["beta"], loss_type=s["loss_type"])
+        s = task_settings(a, {"beta": 0.1, "loss_type": "sigmoid", "reference": "precompute"})
+        return DPOTask(beta=s["beta"], loss_type=s["loss_type"], reference=s["reference"])
 
     return run_training(a, before=task)

@@ -40,8 +40,9 @@ class Reference:
         self.temperature = temperature
 
     @torch.no_grad()
-    def logprobs(self, batch: dict) -> torch.Tensor:
-        """``[B, T]`` fp32: log p_ref(labels[t]) where ``labels[t] != -100``, 0 elsewhere."""
+    def logprobs(self, batch: dict, rows: list | None = None) -> torch.Tensor:
+        """``[B, T]`` fp32: log p_ref(labels[t]) where ``labels[t] != -100``, 0 elsewhere (``rows``: the
+        batch's rows, which only a ``PrecomputedReference`` reads)."""
         m = self.ref_model if self.ref_model is not None else self.model
         ctx = adapters_disabled(self.model) if self.ref_model is None else contextlib.nullcontext()
         dev = next(m.parameters()).device
@@ -56,6 +57,25 @@ class Reference:
         return out.logprobs
 
 
+class PrecomputedReference:
+    """The reference's per-token log-probs of every row, computed once before training (one row per
+    forward, in the rows' order: the same numbers on every run and resume) by ``reference``, which is
+    then no longer needed: a full fine-tune's frozen copy can be freed for the whole run (DPO's
+    default, ``--reference precompute``). ``logprobs(batch, rows)`` returns the kept rows'."""
+
+    def __init__(self, reference: Reference, rows: list, progress=None):
+        self._of: dict[int, torch.Tensor] = {}
+        self._rows = rows  # kept alive: the table is keyed by the rows' identity
+        for r in (progress(rows) if progress is not None else rows):
+            if id(r) not in self._of:
+                self._of[id(r)] = reference.logprobs(collate_rows([r]))[0].cpu()
+
+    def logprobs(self, batch: dict, rows: list | None = None) -> torch.Tensor:
+        if rows is None:
+            raise ValueError("precomputed reference log-probs are looked up by row: pass the batch's rows")
+        return torch.stack([self._of[id(r)] for r in rows])
+
+
 class PackedRowSource:
     """Packed rows in a deterministic, resumable order (a seeded permutation per epoch): every rank draws
     the step's SAME global rows and keeps its data-parallel share, so the position is layout-independent.
@@ -63,7 +83,7 @@ class PackedRowSource:
 
     def __init__(self, rows: list, val_rows: list, *, seed: int, rows_per_step: int, rows_per_micro_batch: int,
                  dp_rank: int = 0, dp_shard: int = 1, collate: Callable = collate_rows,
-                 reference: Reference | None = None):
+                 reference: Reference | PrecomputedReference | None = None):
         self.rows, self.val_rows, self.seed = rows, val_rows, seed
         self.rows_per_step, self.per = rows_per_step, rows_per_micro_batch
         self.dp_rank, self.dp_shard = dp_rank, dp_shard
@@ -71,9 +91,10 @@ class PackedRowSource:
         self.stream = RowStream(rows, seed)
         self._val: list[dict] | None = None
 
-    def _prepare(self, batch: dict) -> dict:
+    def _prepare(self, rows: list) -> dict:
+        batch = self.collate(rows)
         if self.reference is not None:
-            batch["ref_logprobs"] = self.reference.logprobs(batch)
+            batch["ref_logprobs"] = self.reference.logprobs(batch, rows)
         return batch
 
     def _mine(self, rows: list) -> list:
@@ -82,12 +103,12 @@ class PackedRowSource:
     def batches(self, step: int) -> list[dict]:
         rows = [self.stream.next() for _ in range(self.rows_per_step)]
         mine = self._mine(rows)
-        return [self._prepare(self.collate(mine[i:i + self.per])) for i in range(0, len(mine), self.per)]
+        return [self._prepare(mine[i:i + self.per]) for i in range(0, len(mine), self.per)]
 
     def val_batches(self) -> list[dict]:
         """One row per micro-batch (the reference's log-probs of them computed once and kept)."""
         if self._val is None:
-            self._val = [self._prepare(self.collate([r])) for r in self._mine(self.val_rows)]
+            self._val = [self._prepare([r]) for r in self._mine(self.val_rows)]
         return self._val
 
     def where(self, state: dict, micro_batch: int) -> str:

@@ -18,13 +18,16 @@ The Trainer is one loop for every task; a task is the part that differs:
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import sys
+import time
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..parallel.dims import LayoutError
 from .objectives import CausalLMLoss, DPOLoss
-from .sources import PackedRowSource, Reference
+from .sources import PackedRowSource, PrecomputedReference, Reference
 
 
 def rows_id(rows) -> str:
@@ -88,9 +91,17 @@ class DPOTask(CausalLMTask):
     command = "dpo"
     needs_reference = True
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid"):
+    REFERENCES = ("precompute", "live")
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", reference: str = "precompute"):
+        """``reference``: ``precompute`` (default): a full fine-tune's reference log-probs of every row are
+        computed once before step 1 and the frozen copy is freed (the run holds one model, not two);
+        ``live``: the frozen copy scores each batch as it comes. With LoRA (the policy with its adapters
+        disabled is the reference: no copy to free) and under a parallel layout the reference is live."""
         DPOLoss(beta=beta, loss_type=loss_type)  # bad settings fail before any data or model loads
-        self.beta, self.loss_type = float(beta), loss_type
+        if reference not in self.REFERENCES:
+            raise ConfigError(f"--reference {reference}: choose {' or '.join(self.REFERENCES)}")
+        self.beta, self.loss_type, self.reference = float(beta), loss_type, reference
 
     def check_layout(self, dims) -> None:
         refuse_split_rows("DPO", dims)
@@ -126,10 +137,30 @@ class DPOTask(CausalLMTask):
         from ..rl.dpo import collate_pairs
 
         ref = Reference(trainer.model, trainer.ref_model, autocast=trainer.autocast)
+        if self.reference == "precompute" and trainer.ref_model is not None and trainer.dims is None:
+            ref = self._precompute(trainer, ref)
         return self._source(trainer, collate=collate_pairs, reference=ref), DPOLoss(self.beta, self.loss_type)
 
+    @staticmethod
+    def _precompute(trainer, ref: Reference) -> PrecomputedReference:
+        rows = list(trainer.train_rows) + list(trainer.val_rows)
+        progress = None
+        if trainer.show_bar:
+            from tqdm import tqdm
+
+            def progress(items):
+                return tqdm(items, desc="reference log-probs", unit="row", file=sys.stderr)
+        t0 = time.perf_counter()
+        table = PrecomputedReference(ref, rows, progress=progress)
+        del ref
+        trainer.ref_model = None  # the frozen copy's memory goes back for the whole run
+        gc.collect()
+        trainer.log(f"reference: log-probs of {len(rows)} rows precomputed in {time.perf_counter() - t0:.1f} s; "
+                    "the frozen copy freed (--reference live keeps it)")
+        return table
+
     def fingerprint(self) -> dict:
-        return {"task": self.name, "beta": self.beta, "loss_type": self.loss_type}
+        return {"task": self.name, "beta": self.beta, "loss_type": self.loss_type}  # reference: the same math
 
     def plot(self, trainer) -> list[Path]:
         from .metrics import plot_series
