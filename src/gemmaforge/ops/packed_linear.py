@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .cpu_gemm import ops_present as _ops_present
+
 _state = threading.local()
 
 
@@ -43,12 +45,6 @@ def packed_decoding(enabled: bool = True):
 
 def decoding() -> bool:
     return getattr(_state, "on", False)
-
-
-def _ops_present() -> bool:
-    ops = getattr(torch.ops, "mkldnn", None)
-    return (torch.backends.mkldnn.is_available() and ops is not None
-            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
 
 
 def _pack(weight: torch.Tensor, rows: int = 16) -> torch.Tensor:

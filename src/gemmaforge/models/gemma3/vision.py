@@ -29,6 +29,7 @@ from torch import nn
 from ...errors import InputError
 from ...layers.mlp import _module_hooked
 from ...layers.norm import GemmaRMSNorm
+from ...ops import cpu_gemm
 from ...ops.act_linear import GeluLinear
 from ...ops.norm_linear import LayerNormLinears
 from ..common.media import IMAGE, MediaSpec
@@ -77,7 +78,12 @@ class SiglipAttention(nn.Module):
         k = k.view(N, P, -1, self.head_dim).transpose(1, 2)
         v = v.view(N, P, -1, self.head_dim).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # every patch sees every patch
-        return self.out_proj(o.transpose(1, 2).reshape(N, P, -1))  # SDPA's output is [N, P, H, d]: a view
+        o = o.transpose(1, 2).reshape(N, P, -1)  # SDPA's output is [N, P, H, d]: a view
+        f = self.out_proj
+        if torch.is_grad_enabled() and type(f) is nn.Linear and type(f.weight.data) is torch.Tensor \
+                and not _module_hooked(f):
+            return cpu_gemm.Linear.apply(o, f.weight, f.bias)  # training: the tower's products through cpu_gemm
+        return f(o)
 
 
 class SiglipMLP(nn.Module):
