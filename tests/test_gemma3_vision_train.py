@@ -255,7 +255,7 @@ def test_towers_under_fsdp2_equal_one_process(setup, tmp_path, train_vision):
     single.run()
     ref = read_metrics(str(tmp_path / "single" / "metrics.jsonl"))
     res = launch(mm_workers.run_mm, 2, str(d / "model"), str(data), str(tmp_path / "fsdp"), over)[0]
-    assert res["sharded"], "the vision tower's layers are FSDP2 units"
+    assert res["sharded"] == ["vision"], "the vision tower's layers are FSDP2 units"
     got = [r["loss"] for r in res["metrics"] if "loss" in r]
     want = [r["loss"] for r in ref if "loss" in r]
     assert len(got) == len(want) == 3

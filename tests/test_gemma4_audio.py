@@ -271,6 +271,78 @@ def test_processor_expands_images_and_audio_like_transformers(tmp_path):
     assert set(types.unique().tolist()) == {0, 1, 3}
 
 
+class _Gemma4ProcessorNoVideo(transformers.Gemma4Processor):
+    """transformers' Gemma4Processor, its class check of the video processor relaxed for None: its
+    Gemma4VideoProcessor needs torchvision, which is not installable here; no video is processed."""
+
+    def check_argument_for_proper_class(self, name, arg):
+        if name == "video_processor" and arg is None:
+            return type(None)
+        return super().check_argument_for_proper_class(name, arg)
+
+
+def _hf_gemma4_processor(cfg):
+    """Gemma4Processor over our tokenizer (the Gemma 3 vocabulary: the 270M package ships no Gemma 4
+    tokenizer), whose media tokens are named by the ids of ``cfg``."""
+    tok = gemmaforge.load_tokenizer()
+    names = {"image_token": cfg.image_token_id, "boi_token": cfg.boi_token_id, "eoi_token": cfg.eoi_token_id,
+             "audio_token": cfg.audio_token_id, "boa_token": cfg.boa_token_id, "eoa_token": cfg.eoa_token_id}
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok.backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        extra_special_tokens={k: tok.id_to_token(i) for k, i in names.items()})
+    assert hf_tok.image_token_id == cfg.image_token_id and hf_tok.audio_token_id == cfg.audio_token_id
+    return _Gemma4ProcessorNoVideo(feature_extractor=transformers.Gemma4AudioFeatureExtractor(),
+                                   image_processor=transformers.Gemma4ImageProcessorPil(), tokenizer=hf_tok,
+                                   video_processor=None), hf_tok
+
+
+@pytest.mark.parametrize("sizes", [[(300, 500)], [(37, 911), (1000, 200)]])
+def test_processor_input_ids_equal_gemma4_processor(tmp_path, sizes):
+    """transformers' Gemma4Processor given our rendered prompt with one placeholder per image and clip
+    (its input form) makes exactly our input_ids, token types, pixel values and audio features: the
+    expansion of every image (sizes and aspect ratios) and clip (lengths) into soft tokens agrees."""
+    from PIL import Image
+
+    from gemmaforge.models.registry import preset
+
+    cfg = preset("gemma-4-e2b-mm")
+    proc = gemmaforge.load_processor("gemma-4-e2b-mm")
+    hf, hf_tok = _hf_gemma4_processor(cfg)
+    rng = np.random.default_rng(len(sizes))
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    a, b = _waves()
+    clips = [a, b[:7001]][: len(sizes)]
+    content = []
+    for k, img in enumerate(images):
+        content.append({"type": "image", "image": img})
+        (tmp_path / f"c{k}.wav").write_bytes(_wav_bytes(clips[k], 16000))
+        content += [{"type": "text", "text": f"picture {k}, then"}, {"type": "audio", "path": f"c{k}.wav"}]
+    content.append({"type": "text", "text": "what do you see and hear?"})
+    out = proc(messages=[{"role": "user", "content": content}], base_dir=tmp_path)
+    ids = out["input_ids"][0].tolist()
+    # our prompt with each expanded run collapsed back to one placeholder: the text Gemma4Processor takes
+    runs = {cfg.boi_token_id: (cfg.image_token_id, cfg.eoi_token_id), cfg.boa_token_id: (cfg.audio_token_id, cfg.eoa_token_id)}
+    collapsed, i = [], 0
+    while i < len(ids):
+        if ids[i] in runs:
+            soft, end = runs[ids[i]]
+            j = ids.index(end, i)
+            assert set(ids[i + 1:j]) == {soft}
+            collapsed.append(soft)
+            i = j + 1
+        else:
+            collapsed.append(ids[i])
+            i += 1
+    assert collapsed.count(cfg.image_token_id) == len(images) and collapsed.count(cfg.audio_token_id) == len(clips)
+    text = hf_tok.decode(collapsed[1:] if collapsed[0] == hf_tok.bos_token_id else collapsed, skip_special_tokens=False)
+    ref = hf(text=[text], images=[images], audio=[read_wav(tmp_path / f"c{k}.wav", 16000) for k in range(len(clips))],
+             return_tensors="pt")
+    assert ref["input_ids"][0].tolist() == ids
+    assert torch.equal(ref["mm_token_type_ids"][0], out["token_types"][0])
+    torch.testing.assert_close(out["pixel_values"], ref["pixel_values"], atol=0, rtol=0)
+    torch.testing.assert_close(out["audio_features"], ref["input_features"], atol=0, rtol=0)
+
+
 def test_processor_bad_audio_file_is_one_line(tmp_path):
     from gemmaforge.data.gemma4_media import gemma4_handlers
     from gemmaforge.data.processor import Processor

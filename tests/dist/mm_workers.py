@@ -1,4 +1,4 @@
-"""Multi-process workers of the Gemma 3 vision FSDP2 test (spawned by ``parallel.process.launch``)."""
+"""Multi-process workers of the Gemma 3 / Gemma 4 tower FSDP2 tests (spawned by ``parallel.process.launch``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ def mm_config(model_dir: str, data: str, out: str, **over):
 
 
 def run_mm(rank: int, world: int, model_dir: str, data: str, out: str, over: dict):
-    """The Trainer at FSDP2 x world on the multimodal model dir: its metrics rows and exported weights."""
+    """The Trainer at FSDP2 x world on the multimodal model dir: its metrics rows, exported weights, and
+    the FSDP2 module classes found inside the towers."""
     import torch
 
     from gemmaforge.formats.hf import read_safetensors
@@ -22,8 +23,8 @@ def run_mm(rank: int, world: int, model_dir: str, data: str, out: str, over: dic
     from gemmaforge.train import Trainer, read_metrics
 
     t = Trainer(mm_config(model_dir, data, out, **over), dims=ParallelDims(dp_shard=world))
-    sharded = sorted({type(m).__name__ for n, m in t.model.named_modules()
-                      if "vision_tower" in n and type(m).__name__.startswith("FSDP")})
+    sharded = sorted({n.split("_tower")[0].rsplit(".", 1)[-1] for n, m in t.model.named_modules()
+                      if "_tower" in n and type(m).__name__.startswith("FSDP")})
     t.run()
     if rank != 0:
         return None
