@@ -24,6 +24,17 @@ import time
 import torch
 
 
+def best_time(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` (after one untimed call), in seconds."""
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
 def peak_gflops(repeats: int = 5) -> float:
     """Best fp32 GEMM rate over a few large shapes (including the decode-like 16-row head product),
     through ATen's ``mm`` (MKL) and through oneDNN's packed product (``ops.packed_linear``, what
@@ -38,13 +49,7 @@ def peak_gflops(repeats: int = 5) -> float:
             packed = packed_linear._pack(b.t())
             products.append(lambda: packed_linear._product(a, packed, None))
         for fn in products:
-            fn()
-            ts = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            best = max(best, 2 * m * k * n / min(ts) / 1e9)
+            best = max(best, 2 * m * k * n / best_time(fn, repeats) / 1e9)
     return best
 
 
@@ -55,13 +60,7 @@ def read_bandwidth(gb: float = 1.0, repeats: int = 5) -> float:
     dst = torch.empty_like(src)
     best = 0.0
     for fn in (lambda: src.sum(), lambda: dst.copy_(src)):
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        best = max(best, n * 4 / min(ts) / 1e9)
+        best = max(best, n * 4 / best_time(fn, repeats) / 1e9)
     return best
 
 

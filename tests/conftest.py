@@ -68,3 +68,16 @@ def real_model():
     import gemmaforge
 
     return gemmaforge.from_pretrained("gemma-3-270m"), gemmaforge.load_tokenizer("gemma-3-270m")
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """oneDNN's products (``ops.cpu_gemm``) and decoding's packed weights (``ops.packed_linear``) on,
+    whatever this machine's timed probes found: the numbers are what the tests check; skipped (with the
+    reason) in a torch build without oneDNN's linear ops."""
+    from gemmaforge.ops import cpu_gemm, packed_linear
+
+    if not cpu_gemm.ops_present():
+        pytest.skip("this torch build has no oneDNN linear ops (mkldnn)")
+    monkeypatch.setattr(cpu_gemm, "onednn_pays", lambda: True)
+    monkeypatch.setattr(packed_linear, "packing_pays", lambda: True)

@@ -14,12 +14,6 @@ pytestmark = pytest.mark.skipif(not cpu_gemm.ops_present(),
                                 reason="this torch build has no oneDNN linear ops (mkldnn)")
 
 
-@pytest.fixture
-def onednn(monkeypatch):
-    """oneDNN's products on, whatever this machine's timed probe found (the numbers are what is tested)."""
-    monkeypatch.setattr(cpu_gemm, "onednn_pays", lambda: True)
-
-
 def test_products_equal_aten_for_every_layout(onednn):
     torch.manual_seed(0)
     a, b = torch.randn(37, 53), torch.randn(53, 29)

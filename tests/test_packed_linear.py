@@ -4,7 +4,6 @@ under autograd, refreshed when the weight changes, invisible to parameter names,
 
 import copy
 
-import pytest
 import torch
 from torch import nn
 
@@ -15,17 +14,7 @@ from gemmaforge.models.registry import preset
 from gemmaforge.ops import packed_linear
 from gemmaforge.ops.packed_linear import PackedWeight, packed_decoding
 
-pytestmark = pytest.mark.skipif(not packed_linear._ops_present(),
-                                reason="this torch build has no oneDNN packed linear ops (mkldnn)")
-
-
-@pytest.fixture
-def packing(monkeypatch):
-    """The packed path on, whatever this machine's timed probe found (the numbers are what is tested)."""
-    monkeypatch.setattr(packed_linear, "packing_pays", lambda: True)
-
-
-def test_packed_linear_equals_f_linear_and_only_inside_decoding(packing):
+def test_packed_linear_equals_f_linear_and_only_inside_decoding(onednn):
     torch.manual_seed(0)
     lin = nn.Linear(96, 80)
     x = torch.randn(3, 5, 96)
@@ -53,7 +42,7 @@ def test_packed_linear_equals_f_linear_and_only_inside_decoding(packing):
         assert not packed_linear.applies(x.double(), lin.weight.double())
 
 
-def test_packed_copy_follows_the_weight(packing):
+def test_packed_copy_follows_the_weight(onednn):
     """Made again after an in-place change (version bump), a new storage, and a fused AdamW step (which
     changes the weight without bumping its version: a gradient's arrival marks the copy stale)."""
     torch.manual_seed(0)
@@ -78,7 +67,7 @@ def test_packed_copy_follows_the_weight(packing):
         check()
 
 
-def test_for_decoding_keeps_names_copies_and_hooked_modules(packing):
+def test_for_decoding_keeps_names_copies_and_hooked_modules(onednn):
     m = from_config(preset("gemma-3-tiny"), dtype="float32").eval()
     names = [n for n, _ in m.named_parameters()]
     state = {k: v.clone() for k, v in m.state_dict().items()}
@@ -96,9 +85,12 @@ def test_for_decoding_keeps_names_copies_and_hooked_modules(packing):
     twin = copy.deepcopy(m)  # the packed copies are not copied (oneDNN tensors do not deepcopy)
     assert twin.lm_head.packed.packed is None
     assert cpu_policy.use_packed_linears(m) == 0  # idempotent
+    n_packed = sum(1 for mod in m.modules() if isinstance(getattr(mod, "packed", None), PackedWeight))
+    assert cpu_policy.release_packed(m) == n_packed > 1  # GRPO frees them between rollouts
+    assert m.lm_head.packed.packed is None and cpu_policy.release_packed(m) == 0
 
 
-def test_packed_decoding_greedy_tokens_equal_plain_decoding(packing, monkeypatch):
+def test_packed_decoding_greedy_tokens_equal_plain_decoding(onednn, monkeypatch):
     """Greedy batched decoding over packed weights makes the tokens plain F.linear decoding makes
     (tiny random model, ragged prompts), with a LoRA adapter on (its frozen base packed too)."""
     torch.manual_seed(0)

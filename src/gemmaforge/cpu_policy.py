@@ -421,6 +421,19 @@ def use_packed_linears(model: nn.Module) -> int:
     return len(swaps)
 
 
+def release_packed(model: nn.Module) -> int:
+    """Free the packed weight copies ``for_decoding`` made (kept otherwise for the next generation):
+    for a model that trains between generations (GRPO), so the copies (the weights' size again) do not
+    sit beside the training step's memory. Returns how many copies were freed."""
+    freed = 0
+    for mod in model.modules():
+        pw = mod.__dict__.get("packed")
+        if isinstance(pw, packed_linear.PackedWeight) and pw.packed is not None:
+            pw.clear()
+            freed += 1
+    return freed
+
+
 def for_decoding(model: nn.Module) -> str:
     """Prepare ``model`` for generation on CPU: packed products where they pay (``use_packed_linears``;
     the loop then runs inside ``packed_decoding()``), else the column-major decode layout. Returns

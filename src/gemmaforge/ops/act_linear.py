@@ -25,15 +25,8 @@ class GeluLinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         h, weight = ctx.saved_tensors
-        gy2 = gy.reshape(-1, gy.shape[-1])
-        gh = gw = gb = None
-        if ctx.needs_input_grad[1]:
-            a = F.gelu(h, approximate=ctx.approximate).reshape(-1, h.shape[-1]).to(gy.dtype)
-            gw = cpu_gemm.mm(gy2.t(), a).to(weight.dtype)
-            del a
-        if ctx.needs_input_grad[2] and ctx.has_bias:
-            gb = gy2.sum(0).to(weight.dtype)
-        if ctx.needs_input_grad[0]:
-            ga = cpu_gemm.mm(gy2, weight.to(gy.dtype)).reshape(h.shape)
-            gh = torch.ops.aten.gelu_backward(ga, h, approximate=ctx.approximate)
+        need = ctx.needs_input_grad
+        ga, gw, gb = cpu_gemm.linear_grads(gy, lambda: F.gelu(h, approximate=ctx.approximate), weight, need[0],
+                                           need[1], ctx.has_bias and need[2])
+        gh = torch.ops.aten.gelu_backward(ga.reshape(h.shape), h, approximate=ctx.approximate) if need[0] else None
         return gh, gw, gb, None

@@ -95,12 +95,22 @@ class Linear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
-        gy2 = gy.reshape(-1, gy.shape[-1])
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = mm(gy2, weight).view(*gy.shape[:-1], weight.shape[1])
-        if ctx.needs_input_grad[1]:
-            gw = mm(gy2.t(), x.reshape(-1, x.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy2.sum(0)
-        return gx, gw, gb
+        need = ctx.needs_input_grad
+        return linear_grads(gy, lambda: x, weight, need[0], need[1], ctx.has_bias and need[2])
+
+
+def linear_grads(gy: torch.Tensor, inputs, weight: torch.Tensor, need_x: bool, need_w: bool, need_b: bool):
+    """The gradients ``(x, weight, bias)`` of ``F.linear(x, weight, bias)`` for the output gradient ``gy``
+    (None where not needed), the products through ``mm``. ``inputs()`` gives ``x`` (called only for the
+    weight's gradient, so an op that recomputes its input does so only then)."""
+    gy2 = gy.reshape(-1, gy.shape[-1])
+    gx = gw = gb = None
+    if need_w:
+        x = inputs()
+        gw = mm(gy2.t(), x.reshape(-1, x.shape[-1]).to(gy.dtype)).to(weight.dtype)
+        del x
+    if need_b:
+        gb = gy2.sum(0).to(weight.dtype)
+    if need_x:
+        gx = mm(gy2, weight.to(gy.dtype)).view(*gy.shape[:-1], weight.shape[1])
+    return gx, gw, gb

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from ..adapters.lora import adapters_disabled
+from ..cpu_policy import release_packed
 from ..data import collate_rows
 from ..parallel.process import shard_items
 from ..rl.score import score
@@ -211,6 +212,7 @@ class RolloutSource:
         t0 = time.perf_counter()
         comps = self.generate(self.model, prompts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                               seeds=self._seeds(step, len(prompts)), stop_ids=self.stop_ids)
+        release_packed(self.model)  # decoding's packed weight copies do not stay beside the training step
         t_gen = time.perf_counter() - t0
         rewards, self.last_rollouts = [], []
         for k, c in enumerate(comps):

@@ -18,6 +18,7 @@ The Trainer is one loop for every task; a task is the part that differs:
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import sys
@@ -148,8 +149,7 @@ class DPOTask(CausalLMTask):
         if trainer.show_bar:
             from tqdm import tqdm
 
-            def progress(items):
-                return tqdm(items, desc="reference log-probs", unit="row", file=sys.stderr)
+            progress = functools.partial(tqdm, desc="reference log-probs", unit="row", file=sys.stderr)
         t0 = time.perf_counter()
         table = PrecomputedReference(ref, rows, progress=progress)
         del ref
