@@ -6,7 +6,8 @@ AVX512, 2 threads): a 2048^3 product 227 GFLOP/s through MKL, 511 through oneDNN
 transposed operands), bench/RESULTS.md. ``linear`` and ``mm`` take oneDNN's product for plain fp32
 CPU tensors where ``onednn_pays()`` (a timed probe, once per process) found it faster, and ATen's
 everywhere else (other dtypes and devices, distributed tensors, ``torch.compile``). They are not
-differentiable: the fused autograd functions of ``ops`` call them in their forward and backward, and
+differentiable: the fused autograd functions of ``ops`` call them in their forward and backward
+(``norm_linear``, ``act_linear``, and ``head_loss``: the LM head's losses and log-probs), and
 ``Linear`` is a linear layer's autograd function over them. The sums run in another order than MKL's:
 equal within fp32 rounding, not bit for bit.
 """
