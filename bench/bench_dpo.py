@@ -13,7 +13,7 @@ timed steps per side and the median ratio of back-to-back pairs.
 
 * gemmaforge: ``Trainer.train_step`` with ``DPOTask`` (the pairs packed: chosen and rejected of a pair as two
   documents of one row of 2 x ``--tokens``, 4 rows in one micro-batch; reference log-probs precomputed once
-  before step 1 and the frozen copy freed, gemmaforge's default, the time printed; ``--reference live``: from
+  before step 1 by the base weights, no frozen copy kept, gemmaforge's default, the time printed; ``--reference live``: from
   the frozen copy without gradient in every step; the fused DPO objective through the chunked LM head; health check, clipping, AdamW).
 * TRL: ``DPOTrainer.training_step`` (its collator's padded [chosen; rejected] batch, reference forward
   inside the loss, backward) + its optimizer's step (``per_device_train_batch_size=4``, ``max_length``
@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--worker", default=None)
     ap.add_argument("--workdir", default="/tmp/gf-bench-dpo")
     ap.add_argument("--reference", default="precompute", choices=["precompute", "live"],
-                    help="gemmaforge's DPO reference: precomputed once before step 1 (the frozen copy then freed; "
+                    help="gemmaforge's DPO reference: precomputed once before step 1 (no frozen copy kept; "
                          "the default) or a live frozen copy scoring each batch")
     a = ap.parse_args()
     if a.worker:

@@ -23,8 +23,8 @@ def register(sub) -> None:
                    help="sigmoid: DPO (default); ipo: IPO on per-token averaged log-probs")
     t.add_argument("--reference", default=None, choices=["precompute", "live"],
                    help="precompute (default): a full fine-tune's reference log-probs of every row once before "
-                        "step 1, then the frozen copy is freed (one model in memory, not two); live: the copy "
-                        "scores each batch. With LoRA the reference is the policy with its adapters disabled")
+                        "step 1 by the base weights, no frozen copy kept (one model in memory, not two); live: a "
+                        "frozen copy scores each batch. With LoRA the reference is the policy with its adapters disabled")
     t.set_defaults(func=cmd_dpo)
 
 

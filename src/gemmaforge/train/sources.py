@@ -60,9 +60,9 @@ class Reference:
 
 class PrecomputedReference:
     """The reference's per-token log-probs of every row, computed once before training (one row per
-    forward, in the rows' order: the same numbers on every run and resume) by ``reference``, which is
-    then no longer needed: a full fine-tune's frozen copy can be freed for the whole run (DPO's
-    default, ``--reference precompute``). ``logprobs(batch, rows)`` returns the kept rows'."""
+    forward, in the rows' order: the same numbers on every run and resume) by ``reference`` (DPO's
+    default, ``--reference precompute``: the model itself before any step or restored checkpoint, so
+    a full fine-tune holds no frozen copy). ``logprobs(batch, rows)`` returns the kept rows'."""
 
     def __init__(self, reference: Reference, rows: list, progress=None):
         self._of: dict[int, torch.Tensor] = {}

@@ -6,8 +6,8 @@ The Trainer is one loop for every task; a task is the part that differs:
   (before the model loads: bad data fails in a second);
 * ``data_id(trainer) -> str``: the data's identity (a checkpoint continues only with the same);
 * ``items_per_step(trainer) -> int``: how many of ``train_items`` one step takes (``--epochs``);
-* ``needs_reference``: a frozen reference policy is built beside the model (not with LoRA: the same
-  weights with the adapters disabled are the reference);
+* ``needs_reference(dims)``: a frozen reference policy is built beside the model under this layout
+  (not with LoRA: the same weights with the adapters disabled are the reference);
 * ``build(trainer) -> (source, objective)``: once the model (and the reference) exist;
 * ``fingerprint() -> dict``: the task's settings a checkpoint continues only with;
 * ``check_layout(dims)``: the parallel layouts it cannot run (one ``LayoutError`` line);
@@ -19,7 +19,6 @@ The Trainer is one loop for every task; a task is the part that differs:
 from __future__ import annotations
 
 import functools
-import gc
 import hashlib
 import sys
 import time
@@ -44,7 +43,9 @@ class CausalLMTask:
     name = "causal-lm"
     command = "train"  # the CLI command that runs it (resume hints)
     unit = "rows"  # what items_per_step counts
-    needs_reference = False
+
+    def needs_reference(self, dims) -> bool:
+        return False
 
     def load_data(self, trainer, train_docs, val_docs):
         return trainer._load_data(train_docs, val_docs)
@@ -90,7 +91,6 @@ class DPOTask(CausalLMTask):
 
     name = "dpo"
     command = "dpo"
-    needs_reference = True
 
     REFERENCES = ("precompute", "live")
 
@@ -103,6 +103,13 @@ class DPOTask(CausalLMTask):
         if reference not in self.REFERENCES:
             raise ConfigError(f"--reference {reference}: choose {' or '.join(self.REFERENCES)}")
         self.beta, self.loss_type, self.reference = float(beta), loss_type, reference
+
+    def _precomputes(self, dims) -> bool:
+        return self.reference == "precompute" and dims is None
+
+    def needs_reference(self, dims) -> bool:
+        """A frozen copy only to score live (``--reference live``, or under a parallel layout)."""
+        return not self._precomputes(dims)
 
     def check_layout(self, dims) -> None:
         refuse_split_rows("DPO", dims)
@@ -138,12 +145,15 @@ class DPOTask(CausalLMTask):
         from ..rl.dpo import collate_pairs
 
         ref = Reference(trainer.model, trainer.ref_model, autocast=trainer.autocast)
-        if self.reference == "precompute" and trainer.ref_model is not None and trainer.dims is None:
+        if self._precomputes(trainer.dims) and not trainer.cfg.lora_rank:
             ref = self._precompute(trainer, ref)
         return self._source(trainer, collate=collate_pairs, reference=ref), DPOLoss(self.beta, self.loss_type)
 
     @staticmethod
     def _precompute(trainer, ref: Reference) -> PrecomputedReference:
+        """The reference's log-probs of every row, by the model itself: ``build`` runs before a resumed
+        run's checkpoint is restored, so the model still holds the base weights (the reference) and no
+        frozen copy is made at all."""
         rows = list(trainer.train_rows) + list(trainer.val_rows)
         progress = None
         if trainer.show_bar:
@@ -152,11 +162,8 @@ class DPOTask(CausalLMTask):
             progress = functools.partial(tqdm, desc="reference log-probs", unit="row", file=sys.stderr)
         t0 = time.perf_counter()
         table = PrecomputedReference(ref, rows, progress=progress)
-        del ref
-        trainer.ref_model = None  # the frozen copy's memory goes back for the whole run
-        gc.collect()
-        trainer.log(f"reference: log-probs of {len(rows)} rows precomputed in {time.perf_counter() - t0:.1f} s; "
-                    "the frozen copy freed (--reference live keeps it)")
+        trainer.log(f"reference: log-probs of {len(rows)} rows precomputed in {time.perf_counter() - t0:.1f} s "
+                    "by the base weights; no frozen copy kept (--reference live keeps one)")
         return table
 
     def fingerprint(self) -> dict:
@@ -202,8 +209,7 @@ class GRPOTask(CausalLMTask):
         self.beta, self.updates_per_batch, self.prompts_per_step = float(beta), updates_per_batch, prompts_per_step
         self.clip_eps, self.generate = float(clip_eps), generate
 
-    @property
-    def needs_reference(self) -> bool:
+    def needs_reference(self, dims) -> bool:
         return self.beta > 0
 
     def check_layout(self, dims) -> None:

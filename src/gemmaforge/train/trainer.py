@@ -363,7 +363,7 @@ class Trainer:
 
     def _wants_reference(self) -> bool:
         """A frozen copy is the reference only without LoRA (with it: the adapters disabled)."""
-        return bool(self.task.needs_reference) and not self.cfg.lora_rank
+        return self.task.needs_reference(self.dims) and not self.cfg.lora_rank
 
     @property
     def stream(self):
