@@ -80,19 +80,17 @@ def test_fused_tower_ops_equal_autograd(monkeypatch, use_onednn):
 def test_head_loss_products_in_blocks_equal_aten(onednn, monkeypatch, shape, accumulate):
     """The LM-head loss's ``out (+)= a @ b`` through oneDNN in small blocks (here 1 KiB, so every
     blocking mode runs many blocks), over transposed views too, equals ATen's product."""
-    import gemmaforge.ops.head_loss as L
-
-    monkeypatch.setattr(L, "_ONEDNN_BLOCK_BYTES", 1024)
+    monkeypatch.setattr(cpu_gemm, "BLOCK_BYTES", 1024)
     torch.manual_seed(0)
     m, k, n = shape
     for a, b in ((torch.randn(m, k), torch.randn(k, n)), (torch.randn(k, m).t(), torch.randn(n, k).t())):
         base = torch.randn(m, n)
         out = base.clone()
-        L._mm_into(a, b, out, accumulate)
+        cpu_gemm.mm_into(a, b, out, accumulate)
         want = base + a @ b if accumulate else a @ b
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
     # where oneDNN does not apply (float64): ATen's own product, bit for bit
     a, b = torch.randn(m, k, dtype=torch.float64), torch.randn(k, n, dtype=torch.float64)
     out = torch.zeros(m, n, dtype=torch.float64)
-    L._mm_into(a, b, out, False)
+    cpu_gemm.mm_into(a, b, out, False)
     assert torch.equal(out, a @ b)

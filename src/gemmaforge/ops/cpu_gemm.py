@@ -7,8 +7,9 @@ transposed operands), bench/RESULTS.md. ``linear`` and ``mm`` take oneDNN's prod
 CPU tensors where ``onednn_pays()`` (a timed probe, once per process) found it faster, and ATen's
 everywhere else (other dtypes and devices, distributed tensors, ``torch.compile``). They are not
 differentiable: the fused autograd functions of ``ops`` call them in their forward and backward
-(``norm_linear``, ``act_linear``, and ``head_loss``: the LM head's losses and log-probs), and
-``Linear`` is a linear layer's autograd function over them. The sums run in another order than MKL's:
+(``norm_linear``, ``act_linear``, and ``head_loss``: the LM head's losses and log-probs, through
+``mm_into``, which lands the products in kept buffers), and ``Linear`` is a linear layer's autograd
+function over them. The sums run in another order than MKL's:
 equal within fp32 rounding, not bit for bit.
 """
 
@@ -115,3 +116,37 @@ def linear_grads(gy: torch.Tensor, inputs, weight: torch.Tensor, need_x: bool, n
     if need_x:
         gx = mm(gy2, weight.to(gy.dtype)).view(*gy.shape[:-1], weight.shape[1])
     return gx, gw, gb
+
+
+BLOCK_BYTES = 8 << 20  # ``mm_into``: a oneDNN product's fresh result per call (oneDNN has no ``out=``)
+
+
+def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """``out (+)= a @ b`` (2-D). Where oneDNN applies, in blocks whose fresh results stay ``BLOCK_BYTES``,
+    each copied or added into ``out``: blocks of ``a``'s rows, of ``b``'s columns, or, for a long
+    contraction (the LM head's ``dz @ W`` over the vocabulary), of the contraction itself, summed.
+    Else ATen's ``mm(out=)`` / ``addmm_`` (no temporary)."""
+    if not applies(a, b, out):
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return
+    m, k = a.shape
+    n = b.shape[1]
+    if k > 4 * max(m, n):
+        step = max(1, BLOCK_BYTES // (4 * max(m, n)))
+        for s in range(0, k, step):
+            r = mm(a[:, s:s + step], b[s:s + step])
+            out.add_(r) if accumulate or s > 0 else out.copy_(r)
+        return
+    if m >= n:
+        step = max(1, BLOCK_BYTES // (4 * n))
+        for s in range(0, m, step):
+            r, o = mm(a[s:s + step], b), out[s:s + step]
+            o.add_(r) if accumulate else o.copy_(r)
+        return
+    step = max(1, BLOCK_BYTES // (4 * m))
+    for s in range(0, n, step):
+        r, o = mm(a, b[:, s:s + step]), out[:, s:s + step]
+        o.add_(r) if accumulate else o.copy_(r)

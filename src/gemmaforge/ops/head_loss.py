@@ -86,7 +86,7 @@ Design choices
   weight gradient; nothing of size ``N * V`` is ever allocated.
 * fp32 products on CPU go through ``ops.cpu_gemm`` (oneDNN) where a timed probe finds it faster
   than MKL (on AMD CPUs MKL runs its AVX2 code: Gemma 3 270M's loss 9.9 -> 6.5 s of a 512 x 4
-  token step, bench/RESULTS.md); oneDNN has no ``out=``, so ``_mm_into`` multiplies in blocks
+  token step, bench/RESULTS.md); oneDNN has no ``out=``, so ``cpu_gemm.mm_into`` multiplies in blocks
   whose fresh results stay ~32 MiB and copies or adds each into the kept buffer.
 * Unused outputs: if only ``hidden``'s gradient is requested via
   ``torch.autograd.grad`` while ``weight.requires_grad`` is True, the fused
@@ -291,48 +291,13 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool,
     to ``lowp`` (into ``tmp``, a ``lowp`` buffer of ``out``'s shape, when given) and then added into
     ``out``. An ``out`` of ``a``'s dtype (CPU bf16 logits) takes the product directly."""
     if lowp is None or out.dtype == a.dtype:
-        _mm_into(a, b, out, accumulate)
+        cpu_gemm.mm_into(a, b, out, accumulate)
         return
     if a.device.type == "cpu":
         r = torch.mm(a, b, out=tmp) if tmp is not None else torch.mm(a, b)
     else:
         r = torch.mm(a, b, out_dtype=torch.float32)
     out.add_(r) if accumulate else out.copy_(r)
-
-
-_ONEDNN_BLOCK_BYTES = 8 << 20  # a oneDNN product's fresh result per call (it has no ``out=``)
-
-
-def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-    """``out (+)= a @ b`` (2-D). Where ``ops.cpu_gemm`` applies (fp32 CPU operands, oneDNN faster than
-    MKL here: on AMD CPUs MKL runs its AVX2 code, ~2x slower), through oneDNN in blocks whose fresh
-    results stay ~32 MiB, each copied or added into ``out``: blocks of ``a``'s rows, of ``b``'s columns,
-    or, for a long contraction (``dz @ W`` over the vocabulary), of the contraction itself, summed.
-    Else ATen's ``mm(out=)`` / ``addmm_`` (no temporary)."""
-    if not (a.dtype == b.dtype == out.dtype == torch.float32 and cpu_gemm.applies(a, b, out)):
-        if accumulate:
-            out.addmm_(a, b)
-        else:
-            torch.mm(a, b, out=out)
-        return
-    m, k = a.shape
-    n = b.shape[1]
-    if k > 4 * max(m, n):
-        step = max(1, _ONEDNN_BLOCK_BYTES // (4 * max(m, n)))
-        for s in range(0, k, step):
-            r = cpu_gemm.mm(a[:, s:s + step], b[s:s + step])
-            out.add_(r) if accumulate or s > 0 else out.copy_(r)
-        return
-    if m >= n:
-        step = max(1, _ONEDNN_BLOCK_BYTES // (4 * n))
-        for s in range(0, m, step):
-            r, o = cpu_gemm.mm(a[s:s + step], b), out[s:s + step]
-            o.add_(r) if accumulate else o.copy_(r)
-        return
-    step = max(1, _ONEDNN_BLOCK_BYTES // (4 * m))
-    for s in range(0, n, step):
-        r, o = cpu_gemm.mm(a, b[:, s:s + step]), out[:, s:s + step]
-        o.add_(r) if accumulate else o.copy_(r)
 
 
 def _ce_chunk(
@@ -525,7 +490,7 @@ def _scaled_logits(h_c, wc, softcap, temperature, keep_tanh: bool, ws: _Workspac
     ``t = tanh(raw / c)`` (buffer 0; else None)."""
     c = h_c.shape[0]
     z = ws.get(0, c)
-    _mm_into(h_c, wc.t(), z, False)
+    cpu_gemm.mm_into(h_c, wc.t(), z, False)
     t = None
     if softcap is not None:
         z.div_(softcap).tanh_()
@@ -620,13 +585,13 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 dz.mul_(t.square_().neg_().add_(1.0))
             del t
             if need_gh:
-                _mm_into(dz, wc, gh[s:e], False)
+                cpu_gemm.mm_into(dz, wc, gh[s:e], False)
             if need_gw:
                 if gw is None:
                     gw = torch.empty(wc.shape[0], h_c.shape[1], dtype=torch.float32, device=h_c.device)
-                    _mm_into(dz.t(), h_c, gw, False)
+                    cpu_gemm.mm_into(dz.t(), h_c, gw, False)
                 else:
-                    _mm_into(dz.t(), h_c, gw, True)
+                    cpu_gemm.mm_into(dz.t(), h_c, gw, True)
             del dz, z, logp
         del wc, hc, ws
         if need_gw and gw is None:
