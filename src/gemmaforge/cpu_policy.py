@@ -36,6 +36,7 @@ from torch import nn
 
 from .layers.embedding import ScaledEmbedding
 from .layers.head import LMHead
+from .layers.mlp import own_hooks
 from .models.common.decoder import decoder_layers
 from .ops import packed_linear
 from .ops.head_loss import _cpu_lowp, chunked_cross_entropy
@@ -404,17 +405,13 @@ class PackedLinear(nn.Linear):
         return packed_linear.linear(x, self.weight, self.bias, self.packed)
 
 
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
 def use_packed_linears(model: nn.Module) -> int:
     """Swap each plain CPU ``nn.Linear`` of ``model`` (no module hooks, a plain tensor weight) for a
     ``PackedLinear`` over the same parameters, and the head for ``CPUHead``. Idempotent; returns how
     many linear modules were swapped."""
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if type(child) is nn.Linear and child.weight.device.type == "cpu" and _plain(child.weight)
-             and not _hooked(child)]
+             and not own_hooks(child)]
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear.sharing(child))
     for_inference(model)

@@ -16,12 +16,17 @@ ACTIVATIONS = {
 }
 
 
+def own_hooks(m: nn.Module) -> bool:
+    """``m`` has hooks of its own (forward, forward-pre, backward, backward-pre)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 def _module_hooked(m: nn.Module) -> bool:
+    """A hook would run if ``m`` were called: its own, or a global module hook."""
     from torch.nn.modules import module as _m
 
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
-                or _m._global_backward_pre_hooks)
+    return bool(own_hooks(m) or _m._global_forward_hooks or _m._global_forward_pre_hooks
+                or _m._global_backward_hooks or _m._global_backward_pre_hooks)
 
 
 GELU_APPROXIMATE = {"gelu_pytorch_tanh": "tanh", "gelu_tanh": "tanh", "gelu": "none"}

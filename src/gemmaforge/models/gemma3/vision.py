@@ -57,6 +57,15 @@ class SiglipVisionEmbeddings(nn.Module):
         return x + self.position_embedding.weight
 
 
+def _plain(*mods: nn.Module) -> bool:
+    """Training (gradients on) through plain modules (``nn.Linear`` / ``nn.LayerNorm`` or a subclass
+    over the same parameters, no LoRA wrapper, sharded weight or hook): the fused ops may read their
+    weights directly."""
+    return torch.is_grad_enabled() and all(
+        isinstance(m, (nn.Linear, nn.LayerNorm)) and type(m.weight.data) is torch.Tensor and not _module_hooked(m)
+        for m in mods)
+
+
 class SiglipAttention(nn.Module):
     def __init__(self, cfg: SiglipVisionConfig):
         super().__init__()
@@ -80,8 +89,7 @@ class SiglipAttention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # every patch sees every patch
         o = o.transpose(1, 2).reshape(N, P, -1)  # SDPA's output is [N, P, H, d]: a view
         f = self.out_proj
-        if torch.is_grad_enabled() and type(f) is nn.Linear and type(f.weight.data) is torch.Tensor \
-                and not _module_hooked(f):
+        if _plain(f):
             return cpu_gemm.Linear.apply(o, f.weight, f.bias)  # training: the tower's products through cpu_gemm
         return f(o)
 
@@ -93,16 +101,12 @@ class SiglipMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.approximate = {"gelu_pytorch_tanh": "tanh", "gelu_tanh": "tanh", "gelu": "none"}[cfg.hidden_act]
 
-    def _plain_fc2(self) -> bool:
-        f = self.fc2
-        return isinstance(f, nn.Linear) and type(f.weight.data) is torch.Tensor and not _module_hooked(f)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.fc1(x))
 
     def down(self, h: torch.Tensor) -> torch.Tensor:
         """``fc2(gelu(h))`` of fc1's output ``h``."""
-        if self._plain_fc2() and torch.is_grad_enabled():
+        if _plain(self.fc2):
             # saves fc1's output only: GELU(h) (fc2's input) is recomputed in the backward
             return GeluLinear.apply(h, self.fc2.weight, self.fc2.bias, self.approximate)
         return self.fc2(F.gelu(h, approximate=self.approximate))
@@ -116,16 +120,9 @@ class SiglipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = SiglipMLP(cfg)
 
-    def _plain(self, *mods) -> bool:
-        """Plain modules (no LoRA wrapper, sharded weight or hook): the fused norm + projections may
-        read their weights directly."""
-        return torch.is_grad_enabled() and all(
-            type(m) in (nn.Linear, nn.LayerNorm) and type(m.weight.data) is torch.Tensor and not _module_hooked(m)
-            for m in mods)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, n1 = self.self_attn, self.layer_norm1
-        if self._plain(n1, a.q_proj, a.k_proj, a.v_proj):
+        if _plain(n1, a.q_proj, a.k_proj, a.v_proj):
             # the norm's output is not kept for q/k/v's weight gradients: recomputed from x in the backward
             q, k, v = LayerNormLinears.apply(x, n1.weight, n1.bias, n1.eps, a.q_proj.weight, a.q_proj.bias,
                                              a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias)
@@ -133,7 +130,7 @@ class SiglipEncoderLayer(nn.Module):
         else:
             x = x + a(n1(x))
         m, n2 = self.mlp, self.layer_norm2
-        if self._plain(n2, m.fc1):
+        if _plain(n2, m.fc1):
             (h,) = LayerNormLinears.apply(x, n2.weight, n2.bias, n2.eps, m.fc1.weight, m.fc1.bias)
             return x + m.down(h)
         return x + m(n2(x))
