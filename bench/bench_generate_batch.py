@@ -26,13 +26,10 @@ import torch
 
 def best_time(fn, repeats: int) -> float:
     """The fastest of ``repeats`` timed calls of ``fn`` (after one untimed call), in seconds."""
+    from gemmaforge.ops.cpu_caps import best_times
+
     fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
+    return best_times([fn], repeats)[0]
 
 
 def peak_gflops(repeats: int = 5) -> float:

@@ -320,7 +320,7 @@ def test_cli_bad_values_are_one_line(capsys, command, args, named):
     assert cap.out == ""
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: --device cuda is valid here")
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_cli_cuda_without_cuda_is_one_line(capsys, command):
     extra = ["--prompt", "hi"] if command == "generate" else []

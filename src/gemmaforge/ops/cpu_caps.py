@@ -37,23 +37,31 @@ def cpu_bf16_flags() -> list[str]:
     return sorted(found)
 
 
+def best_times(fns, tries: int, calls: int = 1) -> list[float]:
+    """The best of ``tries`` timings (seconds for ``calls`` calls) of each function in ``fns``, the
+    functions alternating try by try, so a slow spell of the machine hits them alike."""
+    import time
+
+    best = [float("inf")] * len(fns)
+    for _ in range(tries):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
 def _bf16_probe(n: int = 256, k: int = 1024, tries: int = 3) -> float:
     """fp32 / bf16 time of one ``[n, k] @ [k, k]`` matmul (best of ``tries`` each, alternating):
     above 1 when bf16 multiplies faster. ~20 ms where bf16 is native."""
-    import time
-
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, k, generator=g)
     b = torch.randn(k, k, generator=g)
     a16, b16 = a.bfloat16(), b.bfloat16()
-    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
     with torch.inference_mode(), torch.autocast("cpu", enabled=False):
-        for _ in range(tries):
-            for dt, (x, y) in ((torch.float32, (a, b)), (torch.bfloat16, (a16, b16))):
-                t0 = time.perf_counter()
-                torch.mm(x, y)
-                best[dt] = min(best[dt], time.perf_counter() - t0)
-    return best[torch.float32] / max(best[torch.bfloat16], 1e-9)
+        t32, t16 = best_times((lambda: torch.mm(a, b), lambda: torch.mm(a16, b16)), tries)
+    return t32 / max(t16, 1e-9)
 
 
 @functools.lru_cache(maxsize=None)

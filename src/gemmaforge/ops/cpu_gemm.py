@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .cpu_caps import best_times
+
 
 def ops_present() -> bool:
     """oneDNN's linear ops are in this build (x86 builds with mkldnn)."""
@@ -36,18 +38,11 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 def _probe(m: int = 512, k: int = 1152, n: int = 1152, tries: int = 3) -> float:
     """ATen's ``F.linear`` time / oneDNN's on an ``[m, k] x [n, k]^T`` product, best of ``tries``
     each, alternating: above 1 when oneDNN is faster. ~10 ms."""
-    import time
-
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
-    best = [float("inf"), float("inf")]
     with torch.inference_mode():
-        for _ in range(tries):
-            for i, fn in enumerate((F.linear, lambda a, b: _onednn_linear(a, b, None))):
-                t0 = time.perf_counter()
-                fn(x, w)
-                best[i] = min(best[i], time.perf_counter() - t0)
-    return best[0] / max(best[1], 1e-9)
+        aten, onednn = best_times((lambda: F.linear(x, w), lambda: _onednn_linear(x, w, None)), tries)
+    return aten / max(onednn, 1e-9)
 
 
 @functools.lru_cache(maxsize=None)

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .cpu_caps import best_times
 from .cpu_gemm import ops_present as _ops_present
 
 _state = threading.local()
@@ -58,20 +59,12 @@ def _product(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]
 def _probe(rows: int = 16, n: int = 2048, k: int = 640, tries: int = 5) -> float:
     """ATen's ``F.linear`` time / the packed product's on a decode-like shape (``rows`` x ``k`` times
     a ``[n, k]`` weight), best of ``tries`` each, alternating: above 1 when packing is faster. ~5 ms."""
-    import time
-
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
     with torch.inference_mode():
         p = _pack(w, rows)
-        best = [float("inf"), float("inf")]
-        for _ in range(tries):
-            for i, fn in enumerate((lambda: F.linear(x, w), lambda: _product(x, p, None))):
-                t0 = time.perf_counter()
-                for _ in range(4):
-                    fn()
-                best[i] = min(best[i], time.perf_counter() - t0)
-    return best[0] / max(best[1], 1e-9)
+        aten, packed = best_times((lambda: F.linear(x, w), lambda: _product(x, p, None)), tries, calls=4)
+    return aten / max(packed, 1e-9)
 
 
 @functools.lru_cache(maxsize=None)
